@@ -1,0 +1,137 @@
+"""Options, ini settings and their validation, resolved once into a frozen Settings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DEFAULT_TIMEOUT = 1800.0  # container image builds take minutes; a hang still ends
+DEFAULT_NOTICE_AFTER = 10.0
+DEFAULT_REPORT = 10
+
+# (option suffix, ini type, help). The same help text serves the option and its ini twin.
+_OPTIONS: list[tuple[str, str, str]] = [
+    (
+        "lock-dir",
+        "string",
+        "directory for template locks and published templates. Relative paths resolve "
+        "against rootdir. Shared by concurrent runs, which then share builds; published "
+        "templates are reused by later runs while their key matches. "
+        "Default: a fresh directory per test run, removed at the end.",
+    ),
+    (
+        "timeout",
+        "string",
+        f"seconds to wait for another process's build before failing (default "
+        f"{DEFAULT_TIMEOUT:.0f}).",
+    ),
+    ("rebuild", "bool", "build every template afresh, ignoring templates published earlier."),
+    (
+        "notice-after",
+        "string",
+        f"print a line naming the holder every N seconds while a wait lasts (default "
+        f"{DEFAULT_NOTICE_AFTER:.0f}; 0 disables).",
+    ),
+]
+
+
+def _dest(suffix: str) -> str:
+    return "prewarm_" + suffix.replace("-", "_")
+
+
+def addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("prewarm", "build shared templates once per run (pytest-prewarm)")
+    for suffix, ini_type, help_text in _OPTIONS:
+        flag = f"--prewarm-{suffix}"
+        if ini_type == "bool":
+            group.addoption(
+                flag, action="store_true", default=None, dest=_dest(suffix), help=help_text
+            )
+        else:
+            group.addoption(
+                flag,
+                action="store",
+                default=None,
+                dest=_dest(suffix),
+                metavar=suffix.split("-")[-1].upper(),
+                help=help_text,
+            )
+        parser.addini(_dest(suffix), help_text, type=ini_type, default=None)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Setting:
+    value: Any
+    source: str  # "--prewarm-timeout", "ini prewarm_timeout in tox.ini", "default"
+
+
+def _raw(config: pytest.Config, suffix: str) -> Setting | None:
+    """Command line first, then ini; ``None`` when neither sets it (a 0 is kept)."""
+    name = _dest(suffix)
+    value = config.getoption(name)
+    if value is not None:
+        return Setting(value, f"--prewarm-{suffix}")
+    value = config.getini(name)
+    if value is not None and value != "":
+        where = f" in {config.inipath}" if config.inipath else ""
+        return Setting(value, f"ini {name}{where}")
+    return None
+
+
+def _seconds(config: pytest.Config, suffix: str, default: float, *, zero_ok: bool) -> Setting:
+    raw = _raw(config, suffix)
+    if raw is None:
+        return Setting(default, "default")
+    try:
+        value = float(raw.value)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        need = "a number of seconds >= 0" if zero_ok else "a number of seconds > 0"
+        raise pytest.UsageError(
+            f"prewarm: {raw.value!r} from {raw.source} is not valid; it must be {need}, "
+            f"for example --prewarm-{suffix}={default:g}"
+        )
+    return Setting(value, raw.source)
+
+
+@dataclass(frozen=True)
+class Settings:
+    lock_dir: Setting  # value: Path | None (None: per-run default dir)
+    timeout: Setting
+    rebuild: bool
+    notice_after: Setting
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> Settings:
+        lock_raw = _raw(config, "lock-dir")
+        lock_dir = Setting(None, "default")
+        if lock_raw is not None:
+            text = str(lock_raw.value)
+            if "\x00" in text:
+                raise pytest.UsageError(
+                    f"prewarm: lock dir {text!r} from {lock_raw.source} contains a NUL byte"
+                )
+            path = Path(text).expanduser()
+            if not path.is_absolute():
+                path = config.rootpath / path
+            lock_dir = Setting(path, lock_raw.source)
+        rebuild = _raw(config, "rebuild")
+        return cls(
+            lock_dir=lock_dir,
+            timeout=_seconds(config, "timeout", DEFAULT_TIMEOUT, zero_ok=False),
+            rebuild=bool(rebuild.value) if rebuild is not None else False,
+            notice_after=_seconds(config, "notice-after", DEFAULT_NOTICE_AFTER, zero_ok=True),
+        )
+
+    def timeout_hint(self) -> str:
+        return (
+            f"The timeout is {self.timeout.value:g} s (from {self.timeout.source}). If the "
+            "holder is working, raise --prewarm-timeout / prewarm_timeout; if it is stuck, "
+            "look at that process (py-spy dump --pid PID) or stop it; a killed holder's "
+            "lock is released at once."
+        )

@@ -1,0 +1,169 @@
+"""Is a lock holder dead, alive or unknown? The only module that imports psutil.
+
+"Dead" must be proven: a wrong "dead" lets two builders race, while a wrong "unknown"
+only costs a wait bounded by the stale window. So every path that cannot prove death
+returns alive or unknown.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from dataclasses import dataclass
+from enum import Enum
+from functools import cache
+
+import psutil
+
+from . import clock
+from .owner import OwnerRecord
+
+
+class Liveness(Enum):
+    DEAD = "dead"
+    ALIVE = "alive"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    state: Liveness
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.state.value}, {self.reason}"
+
+
+@dataclass(frozen=True)
+class HostIdentity:
+    hostname: str
+    boot_id: str | None
+    pid_ns: int | None
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as handle:
+            return handle.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def boot_id() -> str | None:
+    """The kernel's random per-boot id; ``None`` where /proc does not provide it."""
+    return _read_text("/proc/sys/kernel/random/boot_id")
+
+
+def pid_namespace() -> int | None:
+    """Inode of this process's pid namespace, which tells containers on one host apart."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat).
+
+    Unlike ``create_time()`` this does not move when the wall clock is stepped.
+    """
+    text = _read_text(f"/proc/{pid}/stat")
+    if text is None:
+        return None
+    # The command name (field 2) may hold spaces and parentheses; fields after the last
+    # ')' are fixed. Field 3 is at index 0 there, so field 22 is at index 19.
+    fields = text.rpartition(")")[2].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def local_host() -> HostIdentity:
+    # Not cached: a test may run us inside a new UTS or pid namespace after import.
+    return HostIdentity(socket.gethostname(), boot_id(), pid_namespace())
+
+
+@cache
+def _own_create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def own_identity() -> tuple[int, int | None, float | None]:
+    """(pid, start ticks, create time) of the calling process."""
+    pid = os.getpid()
+    return pid, start_ticks(pid), _own_create_time(pid)
+
+
+def _foreign(record: OwnerRecord, here: HostIdentity) -> str | None:
+    """Why ``record`` cannot be judged from here, or ``None`` if it can."""
+    if record.hostname is None:
+        return "the record names no host (written by an older version?)"
+    if record.hostname != here.hostname:
+        return f"it ran on another host ({record.hostname})"
+    if record.boot_id is None or here.boot_id is None:
+        return "boot id unrecorded"
+    if record.boot_id != here.boot_id:
+        return "it ran in another boot of this host, or on a host with the same name"
+    if record.pid_ns is None or here.pid_ns is None:
+        return "pid namespace unrecorded"
+    if record.pid_ns != here.pid_ns:
+        return "it runs in another pid namespace"
+    return None
+
+
+def _exists_by_signal(pid: int) -> bool | None:
+    """True/False when kill(pid, 0) proves it; EPERM means it exists but is not ours."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError as exc:  # pragma: no cover - no other errno is documented for kill(pid, 0)
+        return True if exc.errno == errno.EPERM else None
+    return True
+
+
+def classify(record: OwnerRecord | None, here: HostIdentity | None = None) -> Verdict:
+    """Decide whether the holder described by ``record`` is dead, alive or unknown."""
+    if record is None:
+        return Verdict(Liveness.UNKNOWN, "no readable owner record")
+    here = here if here is not None else local_host()
+    why = _foreign(record, here)
+    if why is not None:
+        return Verdict(Liveness.UNKNOWN, why)
+    if record.start_ticks is None:
+        return Verdict(Liveness.UNKNOWN, "start time unrecorded")
+    try:
+        proc = psutil.Process(record.pid)
+        status = proc.status()
+    except psutil.NoSuchProcess:
+        # psutil reads /proc; with hidepid=2 another user's live process is invisible there.
+        # Only ESRCH from kill() proves it is gone.
+        exists = _exists_by_signal(record.pid)
+        if exists is False:
+            return Verdict(Liveness.DEAD, "no such process")
+        if exists is True:
+            return Verdict(Liveness.ALIVE, "exists but hidden from /proc")
+        return Verdict(Liveness.UNKNOWN, "existence could not be checked")  # pragma: no cover
+    except psutil.AccessDenied:
+        return Verdict(Liveness.ALIVE, "exists (access denied)")
+    if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+        return Verdict(Liveness.DEAD, status)  # an unreaped corpse holds no lock
+    ticks = start_ticks(record.pid)
+    if ticks is None:
+        # Without a start time a reused pid cannot be told from the holder.
+        return Verdict(Liveness.UNKNOWN, "start time unreadable")
+    if ticks != record.start_ticks:
+        return Verdict(Liveness.DEAD, "pid reused by a newer process")
+    return Verdict(Liveness.ALIVE, "running")
+
+
+def held_for(record: OwnerRecord) -> float:
+    """Seconds since the holder took the lock, by its wall clock (for messages only)."""
+    return max(0.0, clock.wall() - record.started_at)

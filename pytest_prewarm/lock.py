@@ -1,0 +1,250 @@
+"""The cross-process lock of one template, its owner record, and the bounded wait for it.
+
+Mutual exclusion comes from an exclusive flock, taken through filelock with the soft
+fallback disabled: a lock that silently stops excluding is worse than an error.
+
+Waking waiters fast without burning CPU: a waiter parks a daemon thread in a *blocking*
+``flock(LOCK_SH)`` on the same lock file. The kernel grants it the moment the holder
+releases or dies (SIGKILL included, zombie or not), so waiters wake within a millisecond
+instead of a poll interval, and use no CPU while a long build runs. The main thread only
+waits on an Event with a timeout, so every wait stays bounded without signals (SIGALRM
+would collide with pytest-timeout). The lock file itself is permanent and never written:
+deleting it would let two processes lock two different inodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from filelock import Timeout as FileLockTimeout
+from filelock import UnixFileLock
+
+from . import clock
+from .exceptions import PrewarmLockError, PrewarmTimeout
+from .liveness import Liveness, Verdict, classify, held_for, local_host
+from .owner import OwnerRecord, read_record, write_atomic
+
+T = TypeVar("T")
+
+# Descriptors of parked release-watcher threads. A forked child inherits them without the
+# threads that would close them, so the child closes them at once.
+_watch_fds: set[int] = set()
+_watch_fds_lock = threading.Lock()
+
+
+def _close_watch_fds_in_child() -> None:
+    for fd in list(_watch_fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _watch_fds.clear()
+
+
+os.register_at_fork(after_in_child=_close_watch_fds_in_child)
+
+
+class _ReleaseWatch:
+    """One-shot: fires when the exclusive holder of ``path`` releases (or dies)."""
+
+    def __init__(self, path: Path) -> None:
+        # os.open makes descriptors non-inheritable (O_CLOEXEC) by default.
+        self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with _watch_fds_lock:
+            _watch_fds.add(self._fd)
+        self.fired = threading.Event()
+        self.started = clock.monotonic()
+        thread = threading.Thread(target=self._run, name=f"prewarm-watch:{path.name}")
+        thread.daemon = True  # an abandoned watch must never keep the interpreter alive
+        thread.start()
+
+    def _run(self) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)  # blocks in the kernel, GIL released
+            fcntl.flock(self._fd, fcntl.LOCK_UN)  # we only wanted to know it was free
+        except OSError:
+            pass  # fire anyway: the caller re-checks the state and retries
+        finally:
+            with _watch_fds_lock:
+                if self._fd in _watch_fds:
+                    _watch_fds.discard(self._fd)
+                    os.close(self._fd)
+            self.fired.set()
+
+
+@dataclass(frozen=True)
+class Holder:
+    """What a waiter knows of the current holder, for messages and the report."""
+
+    record: OwnerRecord | None
+    verdict: Verdict
+
+    def describe(self) -> str:
+        if self.record is None:
+            return f"held by an unidentified process ({self.verdict})"
+        here = local_host().hostname
+        return (
+            f"held by {self.record.describe(local_hostname=here)}, {self.verdict}, "
+            f"{held_for(self.record):.0f} s"
+        )
+
+
+@dataclass(frozen=True)
+class Acquired:
+    """The lock is ours. ``previous`` is the record of whoever held it before us."""
+
+    previous: OwnerRecord | None
+    previous_verdict: Verdict | None
+
+    @property
+    def took_over(self) -> bool:
+        """True when the previous holder stopped without releasing: it died mid-build."""
+        return self.previous is not None and self.previous.state == "held"
+
+
+class TemplateLock:
+    """Exclusive lock of one template plus the owner record beside it."""
+
+    def __init__(self, lock_path: Path, owner_path: Path, template: str) -> None:
+        self.lock_path = lock_path
+        self.owner_path = owner_path
+        self.template = template
+        self._held: UnixFileLock | None = None
+        self._record: OwnerRecord | None = None
+
+    def holder(self) -> Holder:
+        record = read_record(self.owner_path)
+        return Holder(record, classify(record))
+
+    def _prepare_record(self, record: OwnerRecord) -> str:
+        # Written before we try the lock, so taking the lock and naming ourselves is one
+        # rename apart: no reader finds the lock held and the record missing or half-written.
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{self.owner_path.name}.", suffix=".tmp", dir=self.owner_path.parent
+        )
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(record.to_json())
+        return tmp
+
+    def try_acquire(self, record: OwnerRecord) -> Acquired | None:
+        """Take the lock without blocking; ``None`` if someone else holds it."""
+        tmp = self._prepare_record(record)
+        lock = UnixFileLock(
+            str(self.lock_path),
+            mode=0o600,
+            thread_local=False,
+            blocking=False,
+            fallback_to_soft=False,
+        )
+        try:
+            lock.acquire(blocking=False)
+        except FileLockTimeout:
+            os.unlink(tmp)
+            return None
+        except (OSError, NotImplementedError) as exc:
+            os.unlink(tmp)
+            raise PrewarmLockError(
+                f"cannot lock {self.lock_path} for template {self.template!r}: {exc}. "
+                "The lock dir's filesystem does not support flock; "
+                "put --prewarm-lock-dir on a local filesystem."
+            ) from exc
+        previous = read_record(self.owner_path)
+        os.replace(tmp, self.owner_path)
+        self._held, self._record = lock, record
+        verdict = None
+        if previous is not None and previous.state == "held":
+            verdict = classify(previous)
+            if verdict.state is Liveness.ALIVE and not _is_self(previous):
+                # The kernel gave us the lock while a live process says it still holds it:
+                # flock does not exclude on this filesystem (NFS caches, VirtioFS). Building
+                # now would race, so stop loudly instead of corrupting the template.
+                self.release()
+                raise PrewarmLockError(
+                    f"flock on {self.lock_path} did not exclude: it was granted to pid "
+                    f"{record.pid} while {previous.describe()} still holds it ({verdict}). "
+                    "The lock dir's filesystem does not provide working flock; "
+                    "put --prewarm-lock-dir on a local filesystem."
+                )
+        return Acquired(previous, verdict)
+
+    def release(self) -> None:
+        lock, record = self._held, self._record
+        if lock is None or record is None:
+            return
+        try:
+            # Say "released" before unlocking, so the next holder can tell a clean release
+            # from a holder that died with the lock.
+            write_atomic(self.owner_path, record.released().to_json())
+        finally:
+            self._held = self._record = None
+            lock.release(force=True)
+
+    def acquire_or_wait(
+        self,
+        is_done: Callable[[], T | None],
+        make_record: Callable[[], OwnerRecord],
+        *,
+        timeout: float,
+        timeout_hint: str,
+        notice_every: float,
+        on_notice: Callable[[float, Holder], None] | None = None,
+    ) -> tuple[T | None, Acquired | None, float]:
+        """Return ``(done, None, waited)`` once ``is_done`` answers, or ``(None, acquired,
+        waited)`` once the lock is ours and the work is still to do.
+
+        Raises PrewarmTimeout after ``timeout`` seconds, naming the holder.
+        """
+        start = clock.monotonic()
+        deadline = start + timeout
+        next_notice = start + notice_every
+        watch: _ReleaseWatch | None = None
+        quick_fires = 0
+        while True:
+            done = is_done()
+            if done is not None:
+                return done, None, clock.monotonic() - start
+            acquired = self.try_acquire(make_record())
+            if acquired is not None:
+                # Someone may have finished between our check and our lock: check again.
+                done = is_done()
+                if done is not None:
+                    self.release()
+                    return done, None, clock.monotonic() - start
+                return None, acquired, clock.monotonic() - start
+            now = clock.monotonic()
+            if now >= deadline:
+                holder = self.holder()
+                raise PrewarmTimeout(
+                    f"timed out after {now - start:.1f} s waiting for template "
+                    f"{self.template!r} (lock {self.lock_path}); {holder.describe()}. "
+                    f"{timeout_hint}",
+                    self.template,
+                    str(self.lock_path),
+                    now - start,
+                )
+            if watch is None:
+                watch = _ReleaseWatch(self.lock_path)
+            if watch.fired.wait(min(deadline, next_notice) - now):
+                # A watch granted at once means only other waiters' brief shared locks kept
+                # our exclusive attempt out; back off a little so one of us gets through.
+                quick = clock.monotonic() - watch.started < 0.002
+                watch = None
+                quick_fires = quick_fires + 1 if quick else 0
+                if quick_fires > 1:
+                    time.sleep(random.uniform(0, 0.002 * min(quick_fires, 10)))
+            elif clock.monotonic() >= next_notice:
+                next_notice += notice_every
+                if on_notice is not None:
+                    on_notice(clock.monotonic() - start, self.holder())
+
+
+def _is_self(record: OwnerRecord) -> bool:
+    return record.pid == os.getpid() and record.pid_ns == local_host().pid_ns

@@ -1,0 +1,102 @@
+"""Builders registered by name with ``@pytest_prewarm.template("db")``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .exceptions import PrewarmUsageError
+from .names import check_name
+
+Builder = Callable[[Path], Any]
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    build: Builder
+    key: Any
+    where: str  # "conftest.py:12 (build_db)", for error messages
+
+
+def _where(func: Callable[..., Any]) -> str:
+    func = inspect.unwrap(func)
+    try:
+        filename = inspect.getsourcefile(func) or "<unknown>"
+        line = inspect.getsourcelines(func)[1]
+    except (OSError, TypeError):
+        filename, line = "<unknown>", 0
+    return f"{filename}:{line} ({getattr(func, '__qualname__', repr(func))})"
+
+
+def _same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
+    # A conftest imported twice (rootdir/confcutdir quirks, importlib mode) gives two
+    # function objects for one definition; that is not a conflict.
+    a, b = inspect.unwrap(a), inspect.unwrap(b)
+    if a is b:
+        return True
+    code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    return (
+        code_a is not None
+        and code_b is not None
+        and code_a.co_filename == code_b.co_filename
+        and code_a.co_firstlineno == code_b.co_firstlineno
+    )
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._builders: dict[str, Registered] = {}
+
+    def add(self, name: str, build: Builder, key: Any = None) -> Registered:
+        check_name(name)
+        if not callable(build):
+            raise PrewarmUsageError(f"builder for template {name!r} is not callable: {build!r}")
+        entry = Registered(name, build, key, _where(build))
+        existing = self._builders.get(name)
+        if existing is not None and not _same_function(existing.build, build):
+            raise PrewarmUsageError(
+                f"template {name!r} is registered twice with different builders: "
+                f"{existing.where} and {entry.where}; rename one of them"
+            )
+        self._builders[name] = entry
+        return entry
+
+    def get(self, name: str) -> Registered | None:
+        return self._builders.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._builders)
+
+    def clear(self) -> None:
+        self._builders.clear()
+
+
+# One registry per process: conftests register at import, before any session exists.
+REGISTRY = Registry()
+
+
+def template(name: str, *, key: Any = None) -> Callable[[Builder], Builder]:
+    """Register the decorated function as the builder of template ``name``.
+
+    The function receives an empty directory (a :class:`pathlib.Path`) to fill, and may
+    return a JSON-serialisable value that every user of the template receives as
+    ``Template.value``. ``key`` versions the template: a published template is reused
+    by later runs (with an explicit lock dir) only while its key is equal.
+
+    Example, in a ``conftest.py``::
+
+        @pytest_prewarm.template("db")
+        def build_db(path):
+            create_database(path / "db.sqlite3")
+    """
+    check_name(name)
+
+    def decorate(build: Builder) -> Builder:
+        REGISTRY.add(name, build, key)
+        return build
+
+    return decorate
