@@ -36,6 +36,18 @@ _OPTIONS: list[tuple[str, str, str]] = [
         f"print a line naming the holder every N seconds while a wait lasts (default "
         f"{DEFAULT_NOTICE_AFTER:.0f}; 0 disables).",
     ),
+    (
+        "report",
+        "string",
+        f"number of longest lock waits listed in the terminal summary (default "
+        f"{DEFAULT_REPORT}; 0 lists all).",
+    ),
+    (
+        "json",
+        "string",
+        "write the prewarm report (templates, builds, waits, recoveries, settings) as JSON "
+        "to this file; relative paths resolve against the invocation directory.",
+    ),
 ]
 
 
@@ -99,12 +111,30 @@ def _seconds(config: pytest.Config, suffix: str, default: float, *, zero_ok: boo
     return Setting(value, raw.source)
 
 
+def _count(config: pytest.Config, suffix: str, default: int) -> int:
+    raw = _raw(config, suffix)
+    if raw is None:
+        return default
+    try:
+        value = int(str(raw.value))
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise pytest.UsageError(
+            f"prewarm: {raw.value!r} from {raw.source} is not valid; it must be a whole "
+            f"number >= 0, for example --prewarm-{suffix}={default}"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     lock_dir: Setting  # value: Path | None (None: per-run default dir)
     timeout: Setting
     rebuild: bool
     notice_after: Setting
+    report_top: int
+    json_path: Path | None
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Settings:
@@ -121,12 +151,36 @@ class Settings:
                 path = config.rootpath / path
             lock_dir = Setting(path, lock_raw.source)
         rebuild = _raw(config, "rebuild")
+        json_raw = _raw(config, "json")
+        json_path = None
+        if json_raw is not None:
+            json_path = Path(str(json_raw.value)).expanduser()
+            if not json_path.is_absolute():
+                json_path = config.invocation_params.dir / json_path
+            if json_path.is_dir():
+                raise pytest.UsageError(
+                    f"prewarm: report file {str(json_path)!r} from {json_raw.source} is a "
+                    "directory; give a file name such as prewarm-report.json"
+                )
         return cls(
             lock_dir=lock_dir,
             timeout=_seconds(config, "timeout", DEFAULT_TIMEOUT, zero_ok=False),
             rebuild=bool(rebuild.value) if rebuild is not None else False,
             notice_after=_seconds(config, "notice-after", DEFAULT_NOTICE_AFTER, zero_ok=True),
+            report_top=_count(config, "report", DEFAULT_REPORT),
+            json_path=json_path,
         )
+
+    def as_dict(self, *, lock_dir: Path) -> dict[str, Any]:
+        """Effective settings for the JSON report."""
+        return {
+            "lock_dir": str(lock_dir),
+            "lock_dir_source": self.lock_dir.source,
+            "lock_mode": "flock",
+            "timeout": self.timeout.value,
+            "rebuild": self.rebuild,
+            "notice_after": self.notice_after.value,
+        }
 
     def timeout_hint(self) -> str:
         return (

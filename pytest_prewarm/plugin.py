@@ -6,6 +6,7 @@ report.py (the summary).
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Callable
@@ -16,15 +17,18 @@ from typing import Any
 import pytest
 
 from . import config as config_mod
-from . import lockdir
+from . import console, lockdir, report
 from .config import Settings
 from .events import TemplateEvent
 from .exceptions import PrewarmUsageError
+from .lock import Holder
+from .names import file_stem
 from .registry import REGISTRY
 from .template import Request, Template, TemplateStore, check_timeout
 
 WORKERINPUT_LOCK_DIR = "prewarm_lock_dir"
 WORKERINPUT_RUN_ID = "prewarm_run_id"
+WORKEROUTPUT_EVENTS = "prewarm_events"
 
 
 @dataclass
@@ -35,7 +39,38 @@ class State:
     worker: str
     owns_lock_dir: bool
     store: TemplateStore
-    worker_events: list[dict[str, Any]] = field(default_factory=list)
+    # Controller only: events received from workers, and which workers reported.
+    worker_events: list[TemplateEvent] = field(default_factory=list)
+    reported_workers: set[str] = field(default_factory=set)
+
+    @property
+    def events_dir(self) -> Path:
+        return self.lock_dir / "events" / file_stem(self.run_id)
+
+    def record_event(self, event: TemplateEvent) -> None:
+        # Also on disk, line by line: a worker killed later still has its events read
+        # by the controller, since a crashed worker sends no workeroutput.
+        self.events_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        line = json.dumps(event.to_dict()) + "\n"
+        path = self.events_dir / f"{file_stem(self.worker)}-{os.getpid()}.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def all_events(self) -> list[TemplateEvent]:
+        """Own events, workers' reported events, and crashed workers' events from disk."""
+        events = list(self.store.events) + self.worker_events
+        try:
+            files = sorted(self.events_dir.glob("*.jsonl"))
+        except OSError:
+            files = []
+        for path in files:
+            for event in _read_events(path):
+                if event.worker != self.worker and event.worker not in self.reported_workers:
+                    events.append(event)
+        return events
 
 
 STATE_KEY = pytest.StashKey[State]()
@@ -77,9 +112,80 @@ def pytest_configure(config: pytest.Config) -> None:
         timeout_hint=settings.timeout_hint(),
         notice_every=settings.notice_after.value or float("inf"),
     )
-    config.stash[STATE_KEY] = State(settings, lock_dir, run_id, worker, owns, store)
+    state = State(settings, lock_dir, run_id, worker, owns, store)
+    store.on_event = state.record_event
+    store.on_notice = _notice_writer(worker)
+    config.stash[STATE_KEY] = state
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(config), "prewarm-xdist-hooks")
+
+
+def _notice_writer(worker: str) -> Callable[[str, float, Holder], None]:
+    def notice(template: str, waited: float, holder: Holder) -> None:
+        console.emit(
+            f"[prewarm] {worker} has waited {waited:.1f} s for template {template!r}, "
+            f"{holder.describe()}"
+        )
+
+    return notice
+
+
+def _read_events(path: Path) -> list[TemplateEvent]:
+    events: list[TemplateEvent] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return events
+    for line in text.splitlines():
+        try:
+            data = json.loads(line)
+            events.append(TemplateEvent.from_dict(data))
+        except (ValueError, TypeError):
+            continue  # a line torn by a kill mid-write
+    return events
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    state = config.stash.get(STATE_KEY, None)
+    if state is None:
+        return None
+    s = state.settings
+    where = "per-run default" if s.lock_dir.value is None else s.lock_dir.source
+    return (
+        f"prewarm: lock dir {state.lock_dir} ({where}), lock mode flock, "
+        f"timeout {s.timeout.value:g} s"
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    state = config.stash.get(STATE_KEY, None)
+    if state is not None and _is_worker(config):
+        config.workeroutput[WORKEROUTPUT_EVENTS] = [  # type: ignore[attr-defined]
+            e.to_dict() for e in state.store.events
+        ]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    config = terminalreporter.config
+    state = config.stash.get(STATE_KEY, None)
+    if state is None or _is_worker(config):
+        return
+    events = state.all_events()
+    if state.settings.json_path is not None:
+        data = report.to_json(events, state.settings.as_dict(lock_dir=state.lock_dir))
+        path: Path = state.settings.json_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    lines = report.format_summary(
+        events, top=state.settings.report_top, verbosity=config.get_verbosity()
+    )
+    if not lines:
+        return
+    terminalreporter.write_sep("=", "prewarm summary")
+    for line in lines:
+        terminalreporter.write_line(line)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -98,6 +204,15 @@ class XdistHooks:
         state = self.config.stash[STATE_KEY]
         node.workerinput[WORKERINPUT_LOCK_DIR] = str(state.lock_dir)
         node.workerinput[WORKERINPUT_RUN_ID] = state.run_id
+
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        state = self.config.stash[STATE_KEY]
+        output = getattr(node, "workeroutput", None) or {}
+        received = output.get(WORKEROUTPUT_EVENTS)
+        if received is None:
+            return  # crashed: its events are read from the lock dir at summary time
+        state.reported_workers.add(str(node.workerinput["workerid"]))
+        state.worker_events.extend(TemplateEvent.from_dict(d) for d in received)
 
 
 TemplateFactory = Callable[..., Template]
@@ -143,12 +258,3 @@ def prewarmed_template(request: pytest.FixtureRequest) -> TemplateFactory:
         return state.store.get(Request(name, build, key, seconds))
 
     return get
-
-
-def events_of(config: pytest.Config) -> list[TemplateEvent]:
-    state = config.stash.get(STATE_KEY, None)
-    return [] if state is None else list(state.store.events)
-
-
-__all__ = ["prewarmed_template"]
-_ = os  # keep os imported for future hooks

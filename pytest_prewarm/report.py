@@ -1,0 +1,158 @@
+"""Turning template events into the terminal summary and the JSON report; no pytest here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .events import BUILT, FAILED, REUSED, TIMEOUT, WAITED, TemplateEvent
+
+JSON_SCHEMA_VERSION = 1
+HIDE_WAITS_UNDER = 0.05  # seconds; shorter waits are noise and hidden unless -vv
+
+
+@dataclass
+class TemplateSummary:
+    name: str
+    builds: list[TemplateEvent] = field(default_factory=list)
+    failures: list[TemplateEvent] = field(default_factory=list)  # the failed build itself
+    waits: list[TemplateEvent] = field(default_factory=list)  # waited, failed fast, timed out
+    reused: list[TemplateEvent] = field(default_factory=list)
+    recoveries: list[str] = field(default_factory=list)
+
+    @property
+    def wait_total(self) -> float:
+        return sum(e.wait_seconds for e in self.waits)
+
+    @property
+    def wait_longest(self) -> float:
+        return max((e.wait_seconds for e in self.waits), default=0.0)
+
+    def outcome(self) -> str:
+        if self.builds:
+            parts = [f"built by {e.worker} in {_secs(e.build_seconds or 0.0)}" for e in self.builds]
+            return "; ".join(parts)
+        if self.failures:
+            first = self.failures[0]
+            message = (first.error or "").splitlines()[0] if first.error else "error"
+            return f"failed in {first.worker} after {_secs(first.build_seconds or 0.0)}: {message}"
+        if any(e.outcome == TIMEOUT for e in self.waits):
+            return "not built: timed out waiting for the lock"
+        if self.reused or self.waits:
+            return "reused (published before this run)"
+        return "not built"
+
+
+def summarize(events: Iterable[TemplateEvent]) -> list[TemplateSummary]:
+    """Group events by template, in first-seen order."""
+    by_name: dict[str, TemplateSummary] = {}
+    for event in events:
+        summary = by_name.setdefault(event.template, TemplateSummary(event.template))
+        if event.outcome == BUILT:
+            summary.builds.append(event)
+        elif event.outcome == FAILED and event.build_seconds is not None:
+            summary.failures.append(event)
+        elif event.outcome == REUSED and event.wait_seconds == 0.0:
+            summary.reused.append(event)
+        elif event.outcome in (WAITED, FAILED, TIMEOUT, REUSED):
+            summary.waits.append(event)
+        if event.recovered_from:
+            summary.recoveries.append(
+                f"{event.worker} reclaimed the lock from {event.recovered_from}"
+            )
+    return list(by_name.values())
+
+
+def _secs(value: float) -> str:
+    return f"{value:.2f} s"
+
+
+def format_summary(events: list[TemplateEvent], *, top: int = 10, verbosity: int = 0) -> list[str]:
+    """The lines of the prewarm section (without its heading); empty when nothing happened.
+
+    ``top`` limits the list of longest waits (0: all). ``verbosity`` is pytest's: below 0
+    only the per-template lines; 2 and more also shows waits shorter than 0.05 s.
+    """
+    summaries = summarize(events)
+    if not summaries:
+        return []
+    width = max(len(s.name) for s in summaries)
+    lines = []
+    for summary in summaries:
+        line = f"{summary.name:<{width}}  {summary.outcome()}"
+        if summary.waits:
+            line += (
+                f"; {len(summary.waits)} waited, longest {_secs(summary.wait_longest)}, "
+                f"total {_secs(summary.wait_total)}"
+            )
+        lines.append(line)
+        lines.extend(f"{'':<{width}}  {text}" for text in summary.recoveries)
+    if verbosity < 0:
+        return lines
+    waits = sorted(
+        (e for s in summaries for e in s.waits), key=lambda e: e.wait_seconds, reverse=True
+    )
+    shown = waits if verbosity >= 2 else [e for e in waits if e.wait_seconds >= HIDE_WAITS_UNDER]
+    hidden_short = len(waits) - len(shown)
+    if top > 0 and len(shown) > top:
+        hidden_top = len(shown) - top
+        shown = shown[:top]
+    else:
+        hidden_top = 0
+    if shown or hidden_short:
+        lines.append("")
+        lines.append("longest lock waits:")
+        wwidth = max((len(e.worker) for e in shown), default=0)
+        for event in shown:
+            note = "" if event.outcome == WAITED else f" ({event.outcome})"
+            lines.append(
+                f"{event.wait_seconds:8.2f}s  {event.worker:<{wwidth}}  {event.template}{note}"
+            )
+        if hidden_top:
+            lines.append(f"({hidden_top} more waits not shown; use --prewarm-report 0 to show all)")
+        if hidden_short:
+            lines.append(
+                f"({hidden_short} waits under {HIDE_WAITS_UNDER} s hidden; use -vv to show them)"
+            )
+    return lines
+
+
+def to_json(events: list[TemplateEvent], settings: dict[str, Any]) -> dict[str, Any]:
+    """The machine-readable report (schema documented in docs/report.md)."""
+    templates = []
+    for summary in summarize(events):
+        templates.append(
+            {
+                "name": summary.name,
+                "outcome": (
+                    "built" if summary.builds else "failed" if summary.failures else "reused"
+                ),
+                "builds": [
+                    {"worker": e.worker, "pid": e.pid, "seconds": e.build_seconds}
+                    for e in summary.builds
+                ],
+                "failures": [
+                    {"worker": e.worker, "pid": e.pid, "seconds": e.build_seconds, "error": e.error}
+                    for e in summary.failures
+                ],
+                "waits": [
+                    {
+                        "worker": e.worker,
+                        "pid": e.pid,
+                        "seconds": e.wait_seconds,
+                        "outcome": e.outcome,
+                    }
+                    for e in summary.waits
+                ],
+                "wait_total_seconds": summary.wait_total,
+                "wait_longest_seconds": summary.wait_longest,
+                "recoveries": summary.recoveries,
+            }
+        )
+    return {
+        "schema_version": JSON_SCHEMA_VERSION,
+        "settings": settings,
+        "templates": templates,
+        "events": [e.to_dict() for e in events],
+    }
