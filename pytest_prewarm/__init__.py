@@ -12,7 +12,7 @@ from .exceptions import (
     PrewarmWarning,
 )
 from .registry import template
-from .template import Template
+from .store import Template
 
 __all__ = [
     "PrewarmBuildError",

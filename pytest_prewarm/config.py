@@ -37,6 +37,13 @@ _OPTIONS: list[tuple[str, str, str]] = [
         f"{DEFAULT_NOTICE_AFTER:.0f}; 0 disables).",
     ),
     (
+        "eager",
+        "bool",
+        "build the templates named by selected tests' prewarm markers early, in a "
+        "background thread, splitting them across workers (default on). Turn off with "
+        "--no-prewarm-eager for builders that must run on the main thread.",
+    ),
+    (
         "report",
         "string",
         f"number of longest lock waits listed in the terminal summary (default "
@@ -63,6 +70,13 @@ def addoption(parser: pytest.Parser) -> None:
             group.addoption(
                 flag, action="store_true", default=None, dest=_dest(suffix), help=help_text
             )
+            if suffix == "eager":
+                group.addoption(
+                    f"--no-prewarm-{suffix}",
+                    action="store_false",
+                    dest=_dest(suffix),
+                    help="do not build marked templates early; see --prewarm-eager.",
+                )
         else:
             group.addoption(
                 flag,
@@ -135,6 +149,7 @@ class Settings:
     notice_after: Setting
     report_top: int
     json_path: Path | None
+    eager: bool = True
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Settings:
@@ -151,6 +166,7 @@ class Settings:
                 path = config.rootpath / path
             lock_dir = Setting(path, lock_raw.source)
         rebuild = _raw(config, "rebuild")
+        eager = _raw(config, "eager")
         json_raw = _raw(config, "json")
         json_path = None
         if json_raw is not None:
@@ -169,6 +185,7 @@ class Settings:
             notice_after=_seconds(config, "notice-after", DEFAULT_NOTICE_AFTER, zero_ok=True),
             report_top=_count(config, "report", DEFAULT_REPORT),
             json_path=json_path,
+            eager=bool(eager.value) if eager is not None else True,
         )
 
     def as_dict(self, *, lock_dir: Path) -> dict[str, Any]:
@@ -180,6 +197,7 @@ class Settings:
             "timeout": self.timeout.value,
             "rebuild": self.rebuild,
             "notice_after": self.notice_after.value,
+            "eager": self.eager,
         }
 
     def timeout_hint(self) -> str:

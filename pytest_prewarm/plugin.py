@@ -1,6 +1,6 @@
 """The pytest11 entry point: options, the ``prewarmed_template`` fixture, xdist wiring.
 
-Hooks stay thin; the work happens in template.py (build once), lock.py (waiting) and
+Hooks stay thin; the work happens in store.py (build once), lock.py (waiting) and
 report.py (the summary).
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,14 +18,14 @@ from typing import Any
 import pytest
 
 from . import config as config_mod
-from . import console, lockdir, report
+from . import console, lockdir, marker, report
 from .config import Settings
 from .events import TemplateEvent
 from .exceptions import PrewarmUsageError
 from .lock import Holder
 from .names import file_stem
 from .registry import REGISTRY
-from .template import Request, Template, TemplateStore, check_timeout
+from .store import Request, Template, TemplateStore, check_timeout
 
 WORKERINPUT_LOCK_DIR = "prewarm_lock_dir"
 WORKERINPUT_RUN_ID = "prewarm_run_id"
@@ -42,6 +43,34 @@ class State:
     # Controller only: events received from workers, and which workers reported.
     worker_events: list[TemplateEvent] = field(default_factory=list)
     reported_workers: set[str] = field(default_factory=set)
+    eager_thread: threading.Thread | None = None
+
+    def request_for(
+        self,
+        name: str,
+        build: Callable[[Path], Any] | None = None,
+        key: Any = None,
+        timeout: float | None = None,
+    ) -> Request:
+        registered = REGISTRY.get(name) if isinstance(name, str) else None
+        if build is None:
+            if registered is None:
+                known = ", ".join(REGISTRY.names()) or "none"
+                raise PrewarmUsageError(
+                    f"template {name!r} has no builder: pass build=..., or register one with "
+                    f"@pytest_prewarm.template({name!r}) in a conftest.py (registered: {known})"
+                )
+            build = registered.build
+            if key is None:
+                key = registered.key
+        if not callable(build):
+            raise PrewarmUsageError(f"build for template {name!r} is not callable: {build!r}")
+        seconds = (
+            self.settings.timeout.value
+            if timeout is None
+            else check_timeout(timeout, name=str(name))
+        )
+        return Request(name, build, key, seconds)
 
     @property
     def events_dir(self) -> Path:
@@ -116,6 +145,7 @@ def pytest_configure(config: pytest.Config) -> None:
     store.on_event = state.record_event
     store.on_notice = _notice_writer(worker)
     config.stash[STATE_KEY] = state
+    config.addinivalue_line("markers", marker.MARKER_LINE)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(config), "prewarm-xdist-hooks")
 
@@ -161,6 +191,9 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
     state = config.stash.get(STATE_KEY, None)
+    if state is not None and state.eager_thread is not None:
+        # Let a background build finish (or fail) rather than abandon it half-way.
+        state.eager_thread.join(state.settings.timeout.value)
     if state is not None and _is_worker(config):
         config.workeroutput[WORKEROUTPUT_EVENTS] = [  # type: ignore[attr-defined]
             e.to_dict() for e in state.store.events
@@ -237,24 +270,76 @@ def prewarmed_template(request: pytest.FixtureRequest) -> TemplateFactory:
         key: Any = None,
         timeout: float | None = None,
     ) -> Template:
-        registered = REGISTRY.get(name) if isinstance(name, str) else None
-        if build is None:
-            if registered is None:
-                known = ", ".join(REGISTRY.names()) or "none"
-                raise PrewarmUsageError(
-                    f"template {name!r} has no builder: pass build=..., or register one with "
-                    f"@pytest_prewarm.template({name!r}) in a conftest.py (registered: {known})"
-                )
-            build = registered.build
-            if key is None:
-                key = registered.key
-        if not callable(build):
-            raise PrewarmUsageError(f"build for template {name!r} is not callable: {build!r}")
-        seconds = (
-            state.settings.timeout.value
-            if timeout is None
-            else check_timeout(timeout, name=str(name))
-        )
-        return state.store.get(Request(name, build, key, seconds))
+        return state.store.get(state.request_for(name, build, key, timeout))
 
     return get
+
+
+@pytest.fixture
+def prewarmed(request: pytest.FixtureRequest) -> dict[str, Template]:
+    """The templates named by this test's ``@pytest.mark.prewarm(...)`` markers, by name.
+
+    They are ready before the test's setup; ``prewarmed["db"].path`` is the directory.
+    """
+    return dict(request.node.stash.get(ITEM_TEMPLATES_KEY, {}))
+
+
+ITEM_TEMPLATES_KEY = pytest.StashKey[dict[str, Template]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> Any:
+    result = yield
+    # Validate markers while collecting, so a typo fails as a collection error that names
+    # the test, on every worker alike, instead of an error in each test's setup.
+    items = result if isinstance(result, list) else [result]
+    for item in items:
+        if isinstance(item, pytest.Item):
+            try:
+                marker.marker_names(item)
+            except PrewarmUsageError as exc:
+                raise collector.CollectError(str(exc)) from None
+    return result
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    state = session.config.stash.get(STATE_KEY, None)
+    if state is None or not state.settings.eager or not session.items:
+        return
+    names = marker.needed_by(session.items)
+    if not names:
+        return
+    requests = [state.request_for(name) for name in names]
+    # Start each worker at a different template so that K workers and K templates take
+    # one each on the first try instead of all contending for the first.
+    offset = _worker_index(state.worker) % len(requests)
+    ordered = requests[offset:] + requests[:offset]
+    thread = threading.Thread(
+        target=_prewarm, args=(state, ordered), name="prewarm-eager", daemon=True
+    )
+    state.eager_thread = thread
+    thread.start()
+
+
+def _prewarm(state: State, requests: list[Request]) -> None:
+    for req in requests:
+        try:
+            state.store.build_if_free(req)
+        except Exception as exc:
+            console.emit(f"[prewarm] eager build of {req.name!r} in {state.worker} failed: {exc}")
+
+
+def _worker_index(worker: str) -> int:
+    digits = worker.removeprefix("gw")
+    return int(digits) if digits.isdigit() else 0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    names = marker.marker_names(item)
+    if not names:
+        return
+    state = item.config.stash[STATE_KEY]
+    item.stash[ITEM_TEMPLATES_KEY] = {
+        name: state.store.get(state.request_for(name)) for name in names
+    }

@@ -137,22 +137,46 @@ class TemplateStore:
     # -- public ----------------------------------------------------------------------------
 
     def get(self, request: Request) -> Template:
+        """The template, built here or by another process; waits up to the timeout."""
+        result = self._get(request, wait=True)
+        assert result is not None
+        return result
+
+    def build_if_free(self, request: Request) -> bool:
+        """Build the template if nobody is on it; return at once if it is held or done.
+
+        Used by eager prewarming: a worker that finds a template's lock taken moves on
+        to the next template instead of waiting. A failure is kept and raised to the
+        tests that need the template, exactly as if they had built it themselves.
+        """
+        try:
+            return self._get(request, wait=False) is not None
+        except PrewarmBuildError:
+            return True
+
+    def _get(self, request: Request, *, wait: bool) -> Template | None:
         name = check_name(request.name)
         canonical = canonical_key(request.key, name=name)
         tid = self.template_id(name, canonical)
-        with self._guard(tid):
+        guard = self._guard(tid)
+        if not guard.acquire(blocking=wait):
+            return None  # another thread of this process is getting it
+        try:
             cached = self._results.get(tid)
             if isinstance(cached, PrewarmBuildError):
                 raise cached
             if cached is not None:
                 return cached
             try:
-                template = self._get_uncached(request, tid)
+                template = self._get_uncached(request, tid, wait=wait)
             except PrewarmBuildError as exc:
                 self._results[tid] = exc  # one attempt per run, in this process too
                 raise
-            self._results[tid] = template
+            if template is not None:
+                self._results[tid] = template
             return template
+        finally:
+            guard.release()
 
     # -- internals -------------------------------------------------------------------------
 
@@ -198,7 +222,7 @@ class TemplateStore:
             template=name,
         )
 
-    def _get_uncached(self, request: Request, tid: str) -> Template:
+    def _get_uncached(self, request: Request, tid: str, *, wait: bool) -> Template | None:
         name = request.name
         lock = TemplateLock(
             self.lock_dir / "locks" / f"{tid}.lock",
@@ -209,7 +233,15 @@ class TemplateStore:
         done: _Failure | _Published | None = self._check_done(tid)
         waited = 0.0
         acquired: Acquired | None = None
-        if done is None:
+        if done is None and not wait:
+            acquired = lock.try_acquire(self._make_record(name))
+            if acquired is None:
+                return None
+            done = self._check_done(tid)  # finished between our check and our lock?
+            if done is not None:
+                lock.release()
+                return None
+        elif done is None:
             try:
                 done, acquired, waited = lock.acquire_or_wait(
                     lambda: self._check_done(tid),
