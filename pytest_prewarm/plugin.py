@@ -109,6 +109,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     config_mod.addoption(parser)
 
 
+REGISTRY_SNAPSHOT_KEY = pytest.StashKey[dict[str, Any]]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    # Conftests register builders in a process-wide registry. Remember what it held before
+    # this session's conftests were imported and restore it at the end, so sequential
+    # in-process sessions (pytester's inline runs) don't see each other's builders.
+    early_config.stash[REGISTRY_SNAPSHOT_KEY] = REGISTRY.snapshot()
+
+
 def _is_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
@@ -222,6 +233,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    snapshot = config.stash.get(REGISTRY_SNAPSHOT_KEY, None)
+    if snapshot is not None:
+        REGISTRY.restore(snapshot)
     state = config.stash.get(STATE_KEY, None)
     if state is not None and state.owns_lock_dir:
         lockdir.remove_run_dir(state.lock_dir)
@@ -304,7 +318,12 @@ def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: objec
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     state = session.config.stash.get(STATE_KEY, None)
-    if state is None or not state.settings.eager or not session.items:
+    if (
+        state is None
+        or not state.settings.eager
+        or not session.items
+        or session.config.option.collectonly
+    ):
         return
     names = marker.needed_by(session.items)
     if not names:

@@ -74,6 +74,12 @@ class Registry:
     def clear(self) -> None:
         self._builders.clear()
 
+    def snapshot(self) -> dict[str, Registered]:
+        return dict(self._builders)
+
+    def restore(self, snapshot: dict[str, Registered]) -> None:
+        self._builders = dict(snapshot)
+
 
 # One registry per process: conftests register at import, before any session exists.
 REGISTRY = Registry()

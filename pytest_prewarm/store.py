@@ -119,6 +119,7 @@ class TemplateStore:
         self._results: dict[str, Template | PrewarmBuildError] = {}
         self._guards: dict[str, threading.Lock] = {}
         self._guards_lock = threading.Lock()
+        self._guard_owners: dict[str, int] = {}  # tid -> thread ident holding its guard
         self._boot_id = boot_id()
         for sub in ("locks", "staging", "templates", "failures", "trash"):
             (lock_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -159,8 +160,26 @@ class TemplateStore:
         canonical = canonical_key(request.key, name=name)
         tid = self.template_id(name, canonical)
         guard = self._guard(tid)
-        if not guard.acquire(blocking=wait):
-            return None  # another thread of this process is getting it
+        me = threading.get_ident()
+        if self._guard_owners.get(tid) == me:
+            raise PrewarmUsageError(
+                f"template {name!r} was requested while it is being built in this thread: "
+                "a builder must not request its own template"
+            )
+        if not wait:
+            if not guard.acquire(blocking=False):
+                return None  # another thread of this process is getting it
+        elif not guard.acquire(timeout=request.timeout):
+            # Another thread of this process (an eager background build) holds it.
+            raise PrewarmTimeout(
+                f"timed out after {request.timeout:g} s waiting for template {name!r}, "
+                f"which another thread of this process ({self.worker}, pid {os.getpid()}) "
+                f"is building. {self.timeout_hint}",
+                name,
+                str(self.lock_dir / "locks" / f"{tid}.lock"),
+                request.timeout,
+            )
+        self._guard_owners[tid] = me
         try:
             cached = self._results.get(tid)
             if isinstance(cached, PrewarmBuildError):
@@ -176,6 +195,7 @@ class TemplateStore:
                 self._results[tid] = template
             return template
         finally:
+            del self._guard_owners[tid]
             guard.release()
 
     # -- internals -------------------------------------------------------------------------
