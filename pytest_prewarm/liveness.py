@@ -17,7 +17,7 @@ from functools import cache
 import psutil
 
 from . import clock
-from .owner import OwnerRecord
+from .owner import MAX_PID, OwnerRecord
 
 
 class Liveness(Enum):
@@ -55,8 +55,26 @@ def boot_id() -> str | None:
     return _read_text("/proc/sys/kernel/random/boot_id")
 
 
+def _proc_is_ours() -> bool:
+    """Whether /proc shows our own pid namespace.
+
+    After ``unshare --pid --fork`` without a fresh /proc mount (and in sandboxes sharing
+    the host's /proc), /proc/N is the *parent* namespace's pid N: reading it would judge
+    some other process. Then nothing in /proc proves anything about our pids.
+    """
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
+
+
 def pid_namespace() -> int | None:
-    """Inode of this process's pid namespace, which tells containers on one host apart."""
+    """Inode of this process's pid namespace, which tells containers on one host apart.
+
+    ``None`` (so every judgement is "unknown") when /proc belongs to another namespace.
+    """
+    if not _proc_is_ours():
+        return None
     try:
         return os.stat("/proc/self/ns/pid").st_ino
     except OSError:
@@ -96,6 +114,8 @@ def _own_create_time(pid: int) -> float | None:
 def own_identity() -> tuple[int, int | None, float | None]:
     """(pid, start ticks, create time) of the calling process."""
     pid = os.getpid()
+    if not _proc_is_ours():
+        return pid, None, None
     return pid, start_ticks(pid), _own_create_time(pid)
 
 
@@ -137,8 +157,10 @@ def classify(record: OwnerRecord | None, here: HostIdentity | None = None) -> Ve
     why = _foreign(record, here)
     if why is not None:
         return Verdict(Liveness.UNKNOWN, why)
-    if record.start_ticks is None:
+    if record.start_ticks is None or record.start_ticks < 0:
         return Verdict(Liveness.UNKNOWN, "start time unrecorded")
+    if not 0 < record.pid <= MAX_PID:
+        return Verdict(Liveness.UNKNOWN, f"pid {record.pid} is out of range")
     try:
         proc = psutil.Process(record.pid)
         status = proc.status()
