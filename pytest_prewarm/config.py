@@ -37,6 +37,20 @@ _OPTIONS: list[tuple[str, str, str]] = [
         f"{DEFAULT_NOTICE_AFTER:.0f}; 0 disables).",
     ),
     (
+        "lock-mode",
+        "string",
+        "auto, flock or lease. flock: kernel locks, released the moment a holder dies. "
+        "lease: claim files with a heartbeat, for filesystems where flock does not exclude "
+        "(NFS, VirtioFS, SMB). auto (default) picks lease on such filesystems, else flock.",
+    ),
+    (
+        "stale-after",
+        "string",
+        "lease mode: seconds a holder of unknown liveness (another host, another pid "
+        "namespace) may leave its heartbeat still before its lease is reclaimed. Must be "
+        "below the timeout. Default: the smaller of 60 and half the timeout.",
+    ),
+    (
         "eager",
         "bool",
         "build the templates named by selected tests' prewarm markers early, in a "
@@ -141,6 +155,55 @@ def _count(config: pytest.Config, suffix: str, default: int) -> int:
     return value
 
 
+LOCK_MODES = ("auto", "flock", "lease")
+
+
+def heartbeat_for(stale_after: float) -> float:
+    """Lease heartbeat interval: a fifth of the stale window, within [0.05, 2] s."""
+    return min(2.0, max(0.05, stale_after / 5))
+
+
+MIN_HEARTBEATS = 3  # a stale window shorter than this many heartbeats misjudges a slow beat
+
+
+def _lock_mode(config: pytest.Config) -> Setting:
+    raw = _raw(config, "lock-mode")
+    if raw is None:
+        return Setting("auto", "default")
+    value = str(raw.value).strip().lower()
+    if value not in LOCK_MODES:
+        raise pytest.UsageError(
+            f"prewarm: lock mode {raw.value!r} from {raw.source} is not one of "
+            f"{', '.join(LOCK_MODES)}; for example --prewarm-lock-mode=auto"
+        )
+    return Setting(value, raw.source)
+
+
+def _stale_after(config: pytest.Config, timeout: Setting) -> Setting:
+    given = _raw(config, "stale-after") is not None
+    default = min(60.0, timeout.value / 2)
+    stale = _seconds(config, "stale-after", default, zero_ok=False)
+    if not given:
+        return Setting(default, f"default: min(60, timeout / 2), timeout from {timeout.source}")
+    # The unknown-owner window must end before any waiter gives up, or a crashed holder
+    # on another host makes every waiter time out instead of taking over.
+    if stale.value >= timeout.value:
+        raise pytest.UsageError(
+            f"prewarm: the stale window {stale.value:g} s (from {stale.source}) must be "
+            f"below the timeout {timeout.value:g} s (from {timeout.source}); lower "
+            "--prewarm-stale-after or raise --prewarm-timeout"
+        )
+    heartbeat = heartbeat_for(stale.value)
+    if stale.value < MIN_HEARTBEATS * heartbeat:
+        raise pytest.UsageError(
+            f"prewarm: the stale window {stale.value:g} s (from {stale.source}) is shorter "
+            f"than {MIN_HEARTBEATS} heartbeats of {heartbeat:g} s; use at least "
+            f"{MIN_HEARTBEATS * heartbeat:g} s (timeout {timeout.value:g} s from "
+            f"{timeout.source})"
+        )
+    return stale
+
+
 @dataclass(frozen=True)
 class Settings:
     lock_dir: Setting  # value: Path | None (None: per-run default dir)
@@ -149,7 +212,13 @@ class Settings:
     notice_after: Setting
     report_top: int
     json_path: Path | None
+    lock_mode: Setting
+    stale_after: Setting
     eager: bool = True
+
+    @property
+    def heartbeat(self) -> float:
+        return heartbeat_for(self.stale_after.value)
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Settings:
@@ -167,6 +236,7 @@ class Settings:
             lock_dir = Setting(path, lock_raw.source)
         rebuild = _raw(config, "rebuild")
         eager = _raw(config, "eager")
+        timeout = _seconds(config, "timeout", DEFAULT_TIMEOUT, zero_ok=False)
         json_raw = _raw(config, "json")
         json_path = None
         if json_raw is not None:
@@ -180,24 +250,28 @@ class Settings:
                 )
         return cls(
             lock_dir=lock_dir,
-            timeout=_seconds(config, "timeout", DEFAULT_TIMEOUT, zero_ok=False),
+            timeout=timeout,
             rebuild=bool(rebuild.value) if rebuild is not None else False,
             notice_after=_seconds(config, "notice-after", DEFAULT_NOTICE_AFTER, zero_ok=True),
             report_top=_count(config, "report", DEFAULT_REPORT),
             json_path=json_path,
             eager=bool(eager.value) if eager is not None else True,
+            lock_mode=_lock_mode(config),
+            stale_after=_stale_after(config, timeout),
         )
 
-    def as_dict(self, *, lock_dir: Path) -> dict[str, Any]:
+    def as_dict(self, *, lock_dir: Path, lock_mode: str) -> dict[str, Any]:
         """Effective settings for the JSON report."""
         return {
             "lock_dir": str(lock_dir),
             "lock_dir_source": self.lock_dir.source,
-            "lock_mode": "flock",
+            "lock_mode": lock_mode,
+            "lock_mode_source": self.lock_mode.source,
             "timeout": self.timeout.value,
             "rebuild": self.rebuild,
             "notice_after": self.notice_after.value,
             "eager": self.eager,
+            "stale_after": self.stale_after.value,
         }
 
     def timeout_hint(self) -> str:

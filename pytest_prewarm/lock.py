@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from filelock import Timeout as FileLockTimeout
 from filelock import UnixFileLock
@@ -110,7 +110,7 @@ class Acquired:
         return self.previous is not None and self.previous.state == "held"
 
 
-class TemplateLock:
+class FlockLock:
     """Exclusive lock of one template plus the owner record beside it."""
 
     def __init__(self, lock_path: Path, owner_path: Path, template: str) -> None:
@@ -119,6 +119,8 @@ class TemplateLock:
         self.template = template
         self._held: UnixFileLock | None = None
         self._record: OwnerRecord | None = None
+        self._watch: _ReleaseWatch | None = None
+        self._quick_fires = 0
 
     def holder(self) -> Holder:
         record = read_record(self.owner_path)
@@ -187,63 +189,92 @@ class TemplateLock:
             self._held = self._record = None
             lock.release(force=True)
 
-    def acquire_or_wait(
-        self,
-        is_done: Callable[[], T | None],
-        make_record: Callable[[], OwnerRecord],
-        *,
-        timeout: float,
-        timeout_hint: str,
-        notice_every: float,
-        on_notice: Callable[[float, Holder], None] | None = None,
-    ) -> tuple[T | None, Acquired | None, float]:
-        """Return ``(done, None, waited)`` once ``is_done`` answers, or ``(None, acquired,
-        waited)`` once the lock is ours and the work is still to do.
+    def wait_for_change(self, until: float) -> None:
+        """Block until the holder may have released (or ``until``, a monotonic time)."""
+        if self._watch is None:
+            self._watch = _ReleaseWatch(self.lock_path)
+        if self._watch.fired.wait(max(0.0, until - clock.monotonic())):
+            # A watch granted at once means only other waiters' brief shared locks kept
+            # our exclusive attempt out; back off a little so one of us gets through.
+            quick = clock.monotonic() - self._watch.started < 0.002
+            self._watch = None
+            self._quick_fires = self._quick_fires + 1 if quick else 0
+            if self._quick_fires > 1:
+                time.sleep(random.uniform(0, 0.002 * min(self._quick_fires, 10)))
 
-        Raises PrewarmTimeout after ``timeout`` seconds, naming the holder.
-        """
-        start = clock.monotonic()
-        deadline = start + timeout
-        next_notice = start + notice_every
-        watch: _ReleaseWatch | None = None
-        quick_fires = 0
+    def stop_waiting(self) -> None:
+        # An unfired watch is abandoned: its thread closes its descriptor when the holder
+        # releases, or the process exits first.
+        self._watch = None
+        self._quick_fires = 0
+
+    def lost(self) -> str | None:
+        return None  # the kernel never takes a flock away from a live holder
+
+
+class Lock(Protocol):
+    """What the wait loop needs of a lock: flock (lock.py) and lease (lease.py) both fit."""
+
+    template: str
+    lock_path: Path
+
+    def try_acquire(self, record: OwnerRecord) -> Acquired | None: ...
+    def release(self) -> None: ...
+    def holder(self) -> Holder: ...
+    def wait_for_change(self, until: float) -> None: ...
+    def stop_waiting(self) -> None: ...
+    def lost(self) -> str | None: ...
+
+
+def acquire_or_wait(
+    lock: Lock,
+    is_done: Callable[[], T | None],
+    make_record: Callable[[], OwnerRecord],
+    *,
+    timeout: float,
+    timeout_hint: str,
+    notice_every: float,
+    on_notice: Callable[[float, Holder], None] | None = None,
+) -> tuple[T | None, Acquired | None, float]:
+    """Return ``(done, None, waited)`` once ``is_done`` answers, or ``(None, acquired,
+    waited)`` once the lock is ours and the work is still to do.
+
+    Raises PrewarmTimeout after ``timeout`` seconds, naming the holder.
+    """
+    start = clock.monotonic()
+    deadline = start + timeout
+    next_notice = start + notice_every
+    try:
         while True:
             done = is_done()
             if done is not None:
                 return done, None, clock.monotonic() - start
-            acquired = self.try_acquire(make_record())
+            acquired = lock.try_acquire(make_record())
             if acquired is not None:
                 # Someone may have finished between our check and our lock: check again.
                 done = is_done()
                 if done is not None:
-                    self.release()
+                    lock.release()
                     return done, None, clock.monotonic() - start
                 return None, acquired, clock.monotonic() - start
             now = clock.monotonic()
             if now >= deadline:
-                holder = self.holder()
+                holder = lock.holder()
                 raise PrewarmTimeout(
                     f"timed out after {now - start:.1f} s waiting for template "
-                    f"{self.template!r} (lock {self.lock_path}); {holder.describe()}. "
+                    f"{lock.template!r} (lock {lock.lock_path}); {holder.describe()}. "
                     f"{timeout_hint}",
-                    self.template,
-                    str(self.lock_path),
+                    lock.template,
+                    str(lock.lock_path),
                     now - start,
                 )
-            if watch is None:
-                watch = _ReleaseWatch(self.lock_path)
-            if watch.fired.wait(min(deadline, next_notice) - now):
-                # A watch granted at once means only other waiters' brief shared locks kept
-                # our exclusive attempt out; back off a little so one of us gets through.
-                quick = clock.monotonic() - watch.started < 0.002
-                watch = None
-                quick_fires = quick_fires + 1 if quick else 0
-                if quick_fires > 1:
-                    time.sleep(random.uniform(0, 0.002 * min(quick_fires, 10)))
-            elif clock.monotonic() >= next_notice:
+            lock.wait_for_change(min(deadline, next_notice))
+            if clock.monotonic() >= next_notice:
                 next_notice += notice_every
                 if on_notice is not None:
-                    on_notice(clock.monotonic() - start, self.holder())
+                    on_notice(clock.monotonic() - start, lock.holder())
+    finally:
+        lock.stop_waiting()
 
 
 def _is_self(record: OwnerRecord) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -43,6 +44,66 @@ def prepare(path: Path, source: str) -> Path:
             f"lock dir {str(path)!r} is not writable: {exc.strerror}; {hint}"
         ) from exc
     return path
+
+
+# Filesystems whose flock does not exclude across clients, or that silently emulate it.
+_SHARED_FS = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "9p",
+    "virtiofs",
+    "ceph",
+    "glusterfs",
+    "lustre",
+    "afs",
+    "fuse",
+)
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding ``path``, from /proc/self/mountinfo (Linux)."""
+    try:
+        real = os.path.realpath(path)
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    best, best_type = "", None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        mount_point = fields[4].replace("\\040", " ")
+        inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, best_type = mount_point, right.split()[0]
+    return best_type
+
+
+def choose_lock_mode(path: Path, requested: str) -> tuple[str, str]:
+    """(mode, why) for the lock dir; ``requested`` is auto, flock or lease."""
+    if requested != "auto":
+        return requested, "requested"
+    fstype = filesystem_type(path)
+    if fstype is not None and (fstype in _SHARED_FS or fstype.startswith("fuse.")):
+        return "lease", f"auto: {fstype} filesystem, where flock cannot be trusted"
+    probe = path / ".prewarm-flock-probe"
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        return "lease", f"auto: cannot open a probe file ({exc.strerror})"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError as exc:
+        return "lease", f"auto: flock refused ({exc.strerror})"
+    finally:
+        os.close(fd)
+    return "flock", f"auto: {fstype or 'local'} filesystem supports flock"
 
 
 def create_run_dir(run_id: str, worker: str) -> Path:

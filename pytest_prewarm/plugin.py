@@ -29,6 +29,7 @@ from .store import Request, Template, TemplateStore, check_timeout
 
 WORKERINPUT_LOCK_DIR = "prewarm_lock_dir"
 WORKERINPUT_RUN_ID = "prewarm_run_id"
+WORKERINPUT_LOCK_MODE = "prewarm_lock_mode"
 WORKEROUTPUT_EVENTS = "prewarm_events"
 
 
@@ -40,6 +41,8 @@ class State:
     worker: str
     owns_lock_dir: bool
     store: TemplateStore
+    lock_mode: str
+    lock_mode_why: str
     # Controller only: events received from workers, and which workers reported.
     worker_events: list[TemplateEvent] = field(default_factory=list)
     reported_workers: set[str] = field(default_factory=set)
@@ -133,6 +136,8 @@ def pytest_configure(config: pytest.Config) -> None:
         worker = str(workerinput["workerid"])
         run_id = str(workerinput.get(WORKERINPUT_RUN_ID) or workerinput["testrunuid"])
         lock_dir = Path(workerinput[WORKERINPUT_LOCK_DIR])
+        # The controller decides the mode once: workers that disagreed would not exclude.
+        lock_mode, mode_why = workerinput[WORKERINPUT_LOCK_MODE], "chosen by the controller"
     else:
         worker = "main"
         run_id = uuid.uuid4().hex
@@ -144,6 +149,7 @@ def pytest_configure(config: pytest.Config) -> None:
                 lock_dir = lockdir.prepare(settings.lock_dir.value, settings.lock_dir.source)
         except lockdir.LockDirError as exc:
             raise pytest.UsageError(f"prewarm: {exc}") from exc
+        lock_mode, mode_why = lockdir.choose_lock_mode(lock_dir, settings.lock_mode.value)
     store = TemplateStore(
         lock_dir,
         run_id=run_id,
@@ -151,8 +157,11 @@ def pytest_configure(config: pytest.Config) -> None:
         rebuild=settings.rebuild,
         timeout_hint=settings.timeout_hint(),
         notice_every=settings.notice_after.value or float("inf"),
+        lock_mode=lock_mode,
+        stale_after=settings.stale_after.value,
+        heartbeat=settings.heartbeat,
     )
-    state = State(settings, lock_dir, run_id, worker, owns, store)
+    state = State(settings, lock_dir, run_id, worker, owns, store, lock_mode, mode_why)
     store.on_event = state.record_event
     store.on_notice = _notice_writer(worker)
     config.stash[STATE_KEY] = state
@@ -193,8 +202,9 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     s = state.settings
     where = "per-run default" if s.lock_dir.value is None else s.lock_dir.source
     return (
-        f"prewarm: lock dir {state.lock_dir} ({where}), lock mode flock, "
-        f"timeout {s.timeout.value:g} s"
+        f"prewarm: lock dir {state.lock_dir} ({where}), lock mode {state.lock_mode} "
+        f"({state.lock_mode_why}), timeout {s.timeout.value:g} s, "
+        f"stale window {s.stale_after.value:g} s"
     )
 
 
@@ -218,7 +228,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         return
     events = state.all_events()
     if state.settings.json_path is not None:
-        data = report.to_json(events, state.settings.as_dict(lock_dir=state.lock_dir))
+        data = report.to_json(
+            events, state.settings.as_dict(lock_dir=state.lock_dir, lock_mode=state.lock_mode)
+        )
         path: Path = state.settings.json_path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -251,6 +263,7 @@ class XdistHooks:
         state = self.config.stash[STATE_KEY]
         node.workerinput[WORKERINPUT_LOCK_DIR] = str(state.lock_dir)
         node.workerinput[WORKERINPUT_RUN_ID] = state.run_id
+        node.workerinput[WORKERINPUT_LOCK_MODE] = state.lock_mode
 
     def pytest_testnodedown(self, node: Any, error: object) -> None:
         state = self.config.stash[STATE_KEY]

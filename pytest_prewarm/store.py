@@ -30,9 +30,10 @@ from typing import Any
 
 from . import clock
 from .events import BUILT, FAILED, REUSED, TIMEOUT, WAITED, TemplateEvent
-from .exceptions import PrewarmBuildError, PrewarmTimeout, PrewarmUsageError
+from .exceptions import PrewarmBuildError, PrewarmLockError, PrewarmTimeout, PrewarmUsageError
+from .lease import LeaseLock
 from .liveness import Liveness, boot_id, own_identity, pid_namespace
-from .lock import Acquired, Holder, TemplateLock
+from .lock import Acquired, FlockLock, Holder, Lock, acquire_or_wait
 from .names import canonical_key, check_name, file_stem, key_digest
 from .owner import OwnerRecord, write_atomic
 
@@ -106,7 +107,13 @@ class TemplateStore:
         timeout_hint: str = "",
         notice_every: float = 10.0,
         on_notice: Callable[[str, float, Holder], None] | None = None,
+        lock_mode: str = "flock",
+        stale_after: float = 60.0,
+        heartbeat: float = 2.0,
     ) -> None:
+        self.lock_mode = lock_mode
+        self.stale_after = stale_after
+        self.heartbeat = heartbeat
         self.lock_dir = lock_dir
         self.run_id = run_id
         self.worker = worker
@@ -244,11 +251,7 @@ class TemplateStore:
 
     def _get_uncached(self, request: Request, tid: str, *, wait: bool) -> Template | None:
         name = request.name
-        lock = TemplateLock(
-            self.lock_dir / "locks" / f"{tid}.lock",
-            self.lock_dir / "locks" / f"{tid}.owner.json",
-            name,
-        )
+        lock = self._make_lock(tid, name)
         # Fast path without touching the lock: already published or failed in this run.
         done: _Failure | _Published | None = self._check_done(tid)
         waited = 0.0
@@ -263,7 +266,8 @@ class TemplateStore:
                 return None
         elif done is None:
             try:
-                done, acquired, waited = lock.acquire_or_wait(
+                done, acquired, waited = acquire_or_wait(
+                    lock,
                     lambda: self._check_done(tid),
                     lambda: self._make_record(name),
                     timeout=request.timeout,
@@ -311,9 +315,20 @@ class TemplateStore:
             return self._template_from(tid, request.key, done.meta, origin)
         assert acquired is not None
         try:
-            return self._build(request, tid, acquired, waited)
+            return self._build(request, tid, lock, acquired, waited)
         finally:
             lock.release()
+
+    def _make_lock(self, tid: str, name: str) -> Lock:
+        locks = self.lock_dir / "locks"
+        if self.lock_mode == "lease":
+            return LeaseLock(
+                locks / f"{tid}.lease",
+                name,
+                stale_after=self.stale_after,
+                heartbeat=self.heartbeat,
+            )
+        return FlockLock(locks / f"{tid}.lock", locks / f"{tid}.owner.json", name)
 
     def _notice_for(self, name: str) -> Callable[[float, Holder], None] | None:
         if self.on_notice is None:
@@ -345,7 +360,9 @@ class TemplateStore:
             os.rename(path, target)
             _delete_in_background(target)
 
-    def _build(self, request: Request, tid: str, acquired: Acquired, waited: float) -> Template:
+    def _build(
+        self, request: Request, tid: str, lock: Lock, acquired: Acquired, waited: float
+    ) -> Template:
         name = request.name
         recovered = None
         if acquired.took_over and acquired.previous is not None:
@@ -404,6 +421,15 @@ class TemplateStore:
         # The marker goes in last, then one rename makes the whole directory visible:
         # a reader sees no template or a complete one, never a partial one.
         (attempt / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+        lost = lock.lost()
+        if lost is not None:
+            # Lease mode only: we were judged stale and someone else took over. Our build
+            # may be fine, but publishing now could clobber theirs; theirs wins.
+            self._trash(attempt)
+            raise PrewarmLockError(
+                f"template {name!r}: lost the lease while building ({lost}); the build was "
+                "discarded. Raise --prewarm-stale-after if builds stall for longer than it."
+            )
         published = self.published_dir(tid)
         if published.exists():
             self._trash(published)  # stale: other boot, or --prewarm-rebuild

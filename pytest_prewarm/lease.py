@@ -1,0 +1,209 @@
+"""Lease mode: mutual exclusion without flock, for NFS, VirtioFS, SMB and the like.
+
+A template's lease is a directory of numbered claims, ``<id>.lease/claim.<gen>``. The
+holder is the highest generation without a ``claim.<gen>.released`` marker.
+
+- Taking the lease means creating ``claim.<gen+1>`` with ``link()``, which is atomic and
+  exclusive even on NFS, from a file that already holds our owner record: there is never
+  a claim without its owner.
+- Reclaiming from a dead or stale holder is the same operation: whoever judged
+  generation ``g`` reclaimable links ``claim.<g+1>``. Two reclaimers race for one name,
+  so exactly one wins, and a judgement made on an older generation can never remove a
+  newer holder's claim, because nothing is ever removed to reclaim.
+- Release creates ``claim.<gen>.released``; it never touches another generation.
+- The holder's heartbeat touches its claim's mtime. Waiters compare it only with what
+  they saw before, timed on their own monotonic clock, never with their wall clock.
+
+Which holder may be reclaimed is liveness's decision: dead at once, alive never, unknown
+only after its heartbeat has stood still for the stale window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import clock
+from .liveness import Liveness, Verdict, classify
+from .lock import Acquired, Holder
+from .owner import OwnerRecord, read_record
+
+_CLAIM = re.compile(r"claim\.(\d{1,18})")
+POLL_INTERVAL = 0.05  # seconds between looks at the lease dir while waiting
+
+
+@dataclass
+class _Seen:
+    """A waiter's observation of one generation's heartbeat, on the waiter's clock."""
+
+    gen: int
+    mtime_ns: int
+    since: float
+
+
+class LeaseLock:
+    def __init__(
+        self,
+        lease_dir: Path,
+        template: str,
+        *,
+        stale_after: float,
+        heartbeat: float,
+    ) -> None:
+        self.lease_dir = lease_dir
+        self.lock_path = lease_dir  # named in messages
+        self.template = template
+        self.stale_after = stale_after
+        self.heartbeat = heartbeat
+        self._gen: int | None = None
+        self._record: OwnerRecord | None = None
+        self._seen: _Seen | None = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        self._lost: str | None = None
+        lease_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # -- reading the state -------------------------------------------------------------------
+
+    def _claim(self, gen: int) -> Path:
+        return self.lease_dir / f"claim.{gen}"
+
+    def _released(self, gen: int) -> bool:
+        return (self.lease_dir / f"claim.{gen}.released").exists()
+
+    def _top(self) -> int | None:
+        top = None
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.lease_dir):
+                match = _CLAIM.fullmatch(name)
+                if match and (top is None or int(match.group(1)) > top):
+                    top = int(match.group(1))
+        return top
+
+    def holder(self) -> Holder:
+        top = self._top()
+        if top is None or self._released(top):
+            return Holder(None, Verdict(Liveness.DEAD, "no holder"))
+        record = read_record(self._claim(top))
+        return Holder(record, classify(record))
+
+    # -- taking and giving back ------------------------------------------------------------
+
+    def _reclaimable(self, gen: int) -> tuple[bool, OwnerRecord | None, Verdict | None]:
+        """May generation ``gen``, which is not released, be taken over?"""
+        record = read_record(self._claim(gen))
+        verdict = classify(record)
+        if verdict.state is Liveness.DEAD:
+            return True, record, verdict
+        if verdict.state is Liveness.ALIVE:
+            self._seen = None
+            return False, record, verdict  # never by age: a live holder may build for hours
+        try:
+            mtime = os.stat(self._claim(gen)).st_mtime_ns
+        except FileNotFoundError:
+            return False, record, verdict  # cleaned up under us: look again
+        now = clock.monotonic()
+        seen = self._seen
+        if seen is None or seen.gen != gen or seen.mtime_ns != mtime:
+            self._seen = _Seen(gen, mtime, now)  # the heartbeat moved: start the window again
+            return False, record, verdict
+        if now - seen.since >= self.stale_after:
+            stale = Verdict(
+                Liveness.UNKNOWN,
+                f"{verdict.reason}; heartbeat still for {now - seen.since:.1f} s",
+            )
+            return True, record, stale
+        return False, record, verdict
+
+    def try_acquire(self, record: OwnerRecord) -> Acquired | None:
+        top = self._top()
+        previous: OwnerRecord | None = None
+        verdict: Verdict | None = None
+        if top is not None and not self._released(top):
+            ok, previous, verdict = self._reclaimable(top)
+            if not ok:
+                return None
+        target = (top or 0) + 1
+        fd, tmp = tempfile.mkstemp(prefix=".claim.", suffix=".tmp", dir=self.lease_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(record.to_json())
+            try:
+                os.link(tmp, self._claim(target))
+            except FileExistsError:
+                return None  # someone else took generation `target` first
+        finally:
+            os.unlink(tmp)
+        self._gen, self._record, self._lost, self._seen = target, record, None, None
+        self._stop.clear()
+        self._beat = threading.Thread(
+            target=self._heartbeat, args=(target,), name=f"prewarm-lease:{self.template}"
+        )
+        self._beat.daemon = True
+        self._beat.start()
+        self._forget_older(target)
+        return Acquired(previous, verdict)
+
+    def _heartbeat(self, gen: int) -> None:
+        claim = self._claim(gen)
+        while not self._stop.wait(self.heartbeat):
+            top = self._top()
+            if top is not None and top > gen:
+                self._lost = f"generation {top} was claimed while we held {gen}"
+                return
+            try:
+                os.utime(claim)
+            except FileNotFoundError:
+                self._lost = f"our claim {claim} disappeared"
+                return
+            except OSError:
+                continue  # a transient NFS error: try again next beat
+
+    def lost(self) -> str | None:
+        """Why we no longer hold the lease, or ``None`` while we still do."""
+        if self._gen is None:
+            return "not held"
+        top = self._top()
+        if top is not None and top > self._gen:
+            return f"generation {top} was claimed while we held {self._gen}"
+        return self._lost
+
+    def release(self) -> None:
+        gen = self._gen
+        if gen is None:
+            return
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+        self._gen = self._record = self._beat = None
+        # O_EXCL: a released marker is created once and never rewritten.
+        with contextlib.suppress(FileExistsError):
+            os.close(
+                os.open(self.lease_dir / f"claim.{gen}.released", os.O_CREAT | os.O_EXCL, 0o600)
+            )
+
+    def _forget_older(self, gen: int) -> None:
+        # Generations below ours can never be the top again; removing them keeps the dir
+        # small. The top generation is never removed, so no waiter's view can go backwards.
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.lease_dir):
+                match = re.fullmatch(r"claim\.(\d{1,18})(\.released)?", name)
+                if match and int(match.group(1)) < gen - 1:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.lease_dir / name)
+
+    # -- waiting -----------------------------------------------------------------------------
+
+    def wait_for_change(self, until: float) -> None:
+        # No kernel object to block on across NFS clients: poll, briefly.
+        delay = min(POLL_INTERVAL, until - clock.monotonic())
+        if delay > 0:
+            threading.Event().wait(delay)
+
+    def stop_waiting(self) -> None:
+        self._seen = None
