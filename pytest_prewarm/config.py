@@ -159,8 +159,8 @@ LOCK_MODES = ("auto", "flock", "lease")
 
 
 def heartbeat_for(stale_after: float) -> float:
-    """Lease heartbeat interval: a fifth of the stale window, within [0.05, 2] s."""
-    return min(2.0, max(0.05, stale_after / 5))
+    """Lease heartbeat interval: a fifth of the stale window, within [0.02, 2] s."""
+    return min(2.0, max(0.02, stale_after / 5))
 
 
 MIN_HEARTBEATS = 3  # a stale window shorter than this many heartbeats misjudges a slow beat
@@ -274,10 +274,12 @@ class Settings:
             "stale_after": self.stale_after.value,
         }
 
-    def timeout_hint(self) -> str:
-        return (
-            f"The timeout is {self.timeout.value:g} s (from {self.timeout.source}). If the "
-            "holder is working, raise --prewarm-timeout / prewarm_timeout; if it is stuck, "
-            "look at that process (py-spy dump --pid PID) or stop it; a killed holder's "
-            "lock is released at once."
-        )
+
+def timeout_hint(seconds: float, source: str) -> str:
+    """What to try after a timeout; ``source`` says where the timeout came from."""
+    return (
+        f"The timeout is {seconds:g} s (from {source}). If the holder is working, raise "
+        "it (--prewarm-timeout / prewarm_timeout, or timeout= in the call); if it is "
+        "stuck, look at that process (py-spy dump --pid PID) or stop it: a killed "
+        "holder's lock is taken over at once."
+    )

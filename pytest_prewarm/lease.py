@@ -88,7 +88,7 @@ class LeaseLock:
     def holder(self) -> Holder:
         top = self._top()
         if top is None or self._released(top):
-            return Holder(None, Verdict(Liveness.DEAD, "no holder"))
+            return Holder(None, Verdict(Liveness.UNKNOWN, "the lease was just released"))
         record = read_record(self._claim(top))
         return Holder(record, classify(record))
 

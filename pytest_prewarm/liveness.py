@@ -51,8 +51,14 @@ def _read_text(path: str) -> str | None:
 
 
 def boot_id() -> str | None:
-    """The kernel's random per-boot id; ``None`` where /proc does not provide it."""
-    return _read_text("/proc/sys/kernel/random/boot_id")
+    """The kernel's random per-boot id, or the boot time where /proc lacks it (macOS)."""
+    found = _read_text("/proc/sys/kernel/random/boot_id")
+    if found:
+        return found
+    try:
+        return f"boot-time:{psutil.boot_time():.0f}"
+    except (psutil.Error, OSError):
+        return None
 
 
 def _proc_is_ours() -> bool:

@@ -89,7 +89,7 @@ class Holder:
 
     def describe(self) -> str:
         if self.record is None:
-            return f"held by an unidentified process ({self.verdict})"
+            return f"no identifiable holder ({self.verdict.reason})"
         here = local_host().hostname
         return (
             f"held by {self.record.describe(local_hostname=here)}, {self.verdict}, "
@@ -155,26 +155,28 @@ class FlockLock:
             os.unlink(tmp)
             raise PrewarmLockError(
                 f"cannot lock {self.lock_path} for template {self.template!r}: {exc}. "
-                "The lock dir's filesystem does not support flock; "
-                "put --prewarm-lock-dir on a local filesystem."
+                "The lock dir's filesystem does not support flock; use "
+                "--prewarm-lock-mode lease, or put --prewarm-lock-dir on a local filesystem."
             ) from exc
         previous = read_record(self.owner_path)
-        os.replace(tmp, self.owner_path)
-        self._held, self._record = lock, record
         verdict = None
         if previous is not None and previous.state == "held":
             verdict = classify(previous)
             if verdict.state is Liveness.ALIVE and not _is_self(previous):
                 # The kernel gave us the lock while a live process says it still holds it:
                 # flock does not exclude on this filesystem (NFS caches, VirtioFS). Building
-                # now would race, so stop loudly instead of corrupting the template.
-                self.release()
+                # now would race, so stop loudly, leaving the holder's record untouched.
+                os.unlink(tmp)
+                lock.release(force=True)
                 raise PrewarmLockError(
                     f"flock on {self.lock_path} did not exclude: it was granted to pid "
                     f"{record.pid} while {previous.describe()} still holds it ({verdict}). "
-                    "The lock dir's filesystem does not provide working flock; "
-                    "put --prewarm-lock-dir on a local filesystem."
+                    "The lock dir's filesystem does not provide working flock; use "
+                    "--prewarm-lock-mode lease, or put --prewarm-lock-dir on a local "
+                    "filesystem."
                 )
+        os.replace(tmp, self.owner_path)
+        self._held, self._record = lock, record
         return Acquired(previous, verdict)
 
     def release(self) -> None:

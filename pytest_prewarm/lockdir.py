@@ -106,6 +106,34 @@ def choose_lock_mode(path: Path, requested: str) -> tuple[str, str]:
     return "flock", f"auto: {fstype or 'local'} filesystem supports flock"
 
 
+MODE_FILE = "lock-mode"
+
+
+def pin_mode(path: Path, mode: str, why: str) -> None:
+    """Record the lock dir's mode; refuse a run that would use the other one.
+
+    A flock run and a lease run lock different files, so sharing one lock dir between
+    them would exclude nothing. The first run to use the dir decides.
+    """
+    marker = path / MODE_FILE
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        try:
+            existing = marker.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise LockDirError(f"cannot read {marker}: {exc.strerror}") from exc
+        if existing and existing != mode:
+            raise LockDirError(
+                f"lock dir {str(path)!r} is used in {existing} mode, but this run would use "
+                f"{mode} mode ({why}); the two do not exclude each other. Pass "
+                f"--prewarm-lock-mode {existing}, or use another --prewarm-lock-dir"
+            ) from None
+        return
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(mode + "\n")
+
+
 def create_run_dir(run_id: str, worker: str) -> Path:
     """A fresh lock dir for one test run, recorded with its creator so orphans can be swept."""
     sweep_orphans()

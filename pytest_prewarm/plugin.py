@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Callable
@@ -68,12 +69,11 @@ class State:
                 key = registered.key
         if not callable(build):
             raise PrewarmUsageError(f"build for template {name!r} is not callable: {build!r}")
-        seconds = (
-            self.settings.timeout.value
-            if timeout is None
-            else check_timeout(timeout, name=str(name))
-        )
-        return Request(name, build, key, seconds)
+        if timeout is None:
+            seconds, source = self.settings.timeout.value, self.settings.timeout.source
+        else:
+            seconds, source = check_timeout(timeout, name=str(name)), "timeout= in the call"
+        return Request(name, build, key, seconds, source)
 
     @property
     def events_dir(self) -> Path:
@@ -150,12 +150,15 @@ def pytest_configure(config: pytest.Config) -> None:
         except lockdir.LockDirError as exc:
             raise pytest.UsageError(f"prewarm: {exc}") from exc
         lock_mode, mode_why = lockdir.choose_lock_mode(lock_dir, settings.lock_mode.value)
+        try:
+            lockdir.pin_mode(lock_dir, lock_mode, mode_why)
+        except lockdir.LockDirError as exc:
+            raise pytest.UsageError(f"prewarm: {exc}") from exc
     store = TemplateStore(
         lock_dir,
         run_id=run_id,
         worker=worker,
         rebuild=settings.rebuild,
-        timeout_hint=settings.timeout_hint(),
         notice_every=settings.notice_after.value or float("inf"),
         lock_mode=lock_mode,
         stale_after=settings.stale_after.value,
@@ -249,8 +252,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if snapshot is not None:
         REGISTRY.restore(snapshot)
     state = config.stash.get(STATE_KEY, None)
-    if state is not None and state.owns_lock_dir:
+    if state is None or _is_worker(config):
+        return
+    if state.owns_lock_dir:
         lockdir.remove_run_dir(state.lock_dir)
+    else:
+        # A shared lock dir keeps templates across runs, but not per-run bookkeeping.
+        shutil.rmtree(state.events_dir, ignore_errors=True)
+        state.store.forget_run()
 
 
 class XdistHooks:

@@ -29,6 +29,18 @@ class TemplateSummary:
     def wait_longest(self) -> float:
         return max((e.wait_seconds for e in self.waits), default=0.0)
 
+    def outcome_code(self) -> str:
+        """One word for dashboards: built, failed, timeout, reused or unused."""
+        if self.builds:
+            return "built"
+        if self.failures:
+            return "failed"
+        if any(e.outcome == TIMEOUT for e in self.waits):
+            return "timeout"
+        if self.reused or self.waits:
+            return "reused"
+        return "unused"
+
     def outcome(self) -> str:
         if self.builds:
             parts = [f"built by {e.worker} in {_secs(e.build_seconds or 0.0)}" for e in self.builds]
@@ -125,9 +137,7 @@ def to_json(events: list[TemplateEvent], settings: dict[str, Any]) -> dict[str, 
         templates.append(
             {
                 "name": summary.name,
-                "outcome": (
-                    "built" if summary.builds else "failed" if summary.failures else "reused"
-                ),
+                "outcome": summary.outcome_code(),
                 "builds": [
                     {"worker": e.worker, "pid": e.pid, "seconds": e.build_seconds}
                     for e in summary.builds

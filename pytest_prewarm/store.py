@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import clock
+from .config import timeout_hint
 from .events import BUILT, FAILED, REUSED, TIMEOUT, WAITED, TemplateEvent
 from .exceptions import PrewarmBuildError, PrewarmLockError, PrewarmTimeout, PrewarmUsageError
 from .lease import LeaseLock
@@ -92,6 +93,11 @@ class Request:
     build: Callable[[Path], Any]
     key: Any
     timeout: float
+    timeout_source: str = "default"
+
+    @property
+    def timeout_hint(self) -> str:
+        return timeout_hint(self.timeout, self.timeout_source)
 
 
 class TemplateStore:
@@ -104,7 +110,6 @@ class TemplateStore:
         run_id: str,
         worker: str,
         rebuild: bool = False,
-        timeout_hint: str = "",
         notice_every: float = 10.0,
         on_notice: Callable[[str, float, Holder], None] | None = None,
         lock_mode: str = "flock",
@@ -118,7 +123,6 @@ class TemplateStore:
         self.run_id = run_id
         self.worker = worker
         self.rebuild = rebuild
-        self.timeout_hint = timeout_hint
         self.notice_every = notice_every
         self.on_notice = on_notice
         self.events: list[TemplateEvent] = []
@@ -130,6 +134,9 @@ class TemplateStore:
         self._boot_id = boot_id()
         for sub in ("locks", "staging", "templates", "failures", "trash"):
             (lock_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Background deletions die with their process; finish any that were cut short.
+        for leftover in (lock_dir / "trash").iterdir():
+            _delete_in_background(leftover)
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -138,6 +145,13 @@ class TemplateStore:
 
     def published_dir(self, tid: str) -> Path:
         return self.lock_dir / "templates" / tid
+
+    def forget_run(self) -> None:
+        """Remove this run's failure records; a later run must try again anyway."""
+        pattern = f"*/{file_stem(self.run_id)}.json"
+        for path in (self.lock_dir / "failures").glob(pattern):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def _failure_path(self, tid: str) -> Path:
         return self.lock_dir / "failures" / tid / f"{file_stem(self.run_id)}.json"
@@ -181,7 +195,7 @@ class TemplateStore:
             raise PrewarmTimeout(
                 f"timed out after {request.timeout:g} s waiting for template {name!r}, "
                 f"which another thread of this process ({self.worker}, pid {os.getpid()}) "
-                f"is building. {self.timeout_hint}",
+                f"is building. {request.timeout_hint}",
                 name,
                 str(self.lock_dir / "locks" / f"{tid}.lock"),
                 request.timeout,
@@ -225,7 +239,7 @@ class TemplateStore:
         meta = _read_json(self.published_dir(tid) / META_FILE)
         if meta is None or meta.get("format") != META_FORMAT:
             return None
-        if meta.get("boot_id") != self._boot_id:
+        if self._boot_id is None or meta.get("boot_id") != self._boot_id:
             # Published in another boot: without fsync the data may be torn, so rebuild.
             return None
         if self.rebuild and meta.get("run_id") != self.run_id:
@@ -271,7 +285,7 @@ class TemplateStore:
                     lambda: self._check_done(tid),
                     lambda: self._make_record(name),
                     timeout=request.timeout,
-                    timeout_hint=self.timeout_hint,
+                    timeout_hint=request.timeout_hint,
                     notice_every=self.notice_every,
                     on_notice=self._notice_for(name),
                 )
@@ -385,6 +399,15 @@ class TemplateStore:
         except Exception as exc:
             build_seconds = clock.monotonic() - started
             self._trash(attempt)
+            lost = lock.lost()
+            if lost is not None:
+                # Lease mode: a successor took over and moved our staging away, which is
+                # likely why the build failed. Not the builder's fault: record nothing.
+                raise PrewarmLockError(
+                    f"template {name!r}: lost the lease while building ({lost}); "
+                    "the build was abandoned. Raise --prewarm-stale-after if builds stall "
+                    "for longer than it."
+                ) from exc
             error = self._record_failure(tid, name, exc)
             self._emit(
                 TemplateEvent(
