@@ -243,6 +243,7 @@ def acquire_or_wait(
 
     Raises PrewarmTimeout after ``timeout`` seconds, naming the holder.
     """
+    __tracebackhide__ = True  # users need the builder's frames, not ours
     start = clock.monotonic()
     deadline = start + timeout
     next_notice = start + notice_every

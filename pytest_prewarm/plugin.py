@@ -306,6 +306,7 @@ def prewarmed_template(request: pytest.FixtureRequest) -> TemplateFactory:
         key: Any = None,
         timeout: float | None = None,
     ) -> Template:
+        __tracebackhide__ = True  # users need the builder's frames, not ours
         return state.store.get(state.request_for(name, build, key, timeout))
 
     return get
@@ -377,6 +378,7 @@ def _worker_index(worker: str) -> int:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    __tracebackhide__ = True  # users need the builder's frames, not ours
     names = marker.marker_names(item)
     if not names:
         return

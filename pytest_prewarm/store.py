@@ -160,6 +160,7 @@ class TemplateStore:
 
     def get(self, request: Request) -> Template:
         """The template, built here or by another process; waits up to the timeout."""
+        __tracebackhide__ = True  # users need the builder's frames, not ours
         result = self._get(request, wait=True)
         assert result is not None
         return result
@@ -177,6 +178,7 @@ class TemplateStore:
             return True
 
     def _get(self, request: Request, *, wait: bool) -> Template | None:
+        __tracebackhide__ = True  # users need the builder's frames, not ours
         name = check_name(request.name)
         canonical = canonical_key(request.key, name=name)
         tid = self.template_id(name, canonical)
@@ -264,6 +266,7 @@ class TemplateStore:
         )
 
     def _get_uncached(self, request: Request, tid: str, *, wait: bool) -> Template | None:
+        __tracebackhide__ = True  # users need the builder's frames, not ours
         name = request.name
         lock = self._make_lock(tid, name)
         # Fast path without touching the lock: already published or failed in this run.
@@ -377,6 +380,7 @@ class TemplateStore:
     def _build(
         self, request: Request, tid: str, lock: Lock, acquired: Acquired, waited: float
     ) -> Template:
+        __tracebackhide__ = True  # users need the builder's frames, not ours
         name = request.name
         recovered = None
         if acquired.took_over and acquired.previous is not None:
@@ -476,7 +480,7 @@ class TemplateStore:
             template=name,
             exc_type=f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
             exc_message=str(exc),
-            traceback_text="".join(traceback.format_exception(exc)),
+            traceback_text=_builder_traceback(exc),
             worker=self.worker,
             pid=os.getpid(),
         )
@@ -496,6 +500,14 @@ class TemplateStore:
             ),
         )
         return error
+
+
+def _builder_traceback(exc: BaseException) -> str:
+    # The first frame is ours (the call into the builder); start at the builder's own.
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code.co_filename == __file__ and tb.tb_next:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 def _json_round_trip(returned: Any, name: str) -> Any:
