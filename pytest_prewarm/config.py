@@ -228,7 +228,9 @@ class Settings:
             text = str(lock_raw.value)
             if "\x00" in text:
                 raise pytest.UsageError(
-                    f"prewarm: lock dir {text!r} from {lock_raw.source} contains a NUL byte"
+                    f"prewarm: lock dir {text!r} from {lock_raw.source} contains a NUL byte; "
+                    "pass a writable directory with --prewarm-lock-dir (or ini "
+                    "prewarm_lock_dir)"
                 )
             path = Path(text).expanduser()
             if not path.is_absolute():

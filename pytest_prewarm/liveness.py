@@ -87,19 +87,41 @@ def pid_namespace() -> int | None:
         return None
 
 
+PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit()
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    text = _read_text(f"/proc/{pid}/stat")
+    if text is None:
+        return None
+    # The command name (field 2) may hold spaces and parentheses; fields after the last
+    # ')' are fixed. Field 3 (state) is at index 0 there.
+    return text.rpartition(")")[2].split()
+
+
+def is_exiting(pid: int) -> bool:
+    """True while ``pid`` is inside exit(), before it becomes a zombie.
+
+    A SIGKILLed process drops its flocks early in exit, while /proc still shows it
+    running; a waiter granted the lock in that window must not take it for alive.
+    """
+    fields = _stat_fields(pid)
+    try:
+        return fields is not None and bool(int(fields[6]) & PF_EXITING)
+    except (IndexError, ValueError):
+        return False
+
+
 def start_ticks(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat).
 
     Unlike ``create_time()`` this does not move when the wall clock is stepped.
     """
-    text = _read_text(f"/proc/{pid}/stat")
-    if text is None:
+    fields = _stat_fields(pid)
+    if fields is None:
         return None
-    # The command name (field 2) may hold spaces and parentheses; fields after the last
-    # ')' are fixed. Field 3 is at index 0 there, so field 22 is at index 19.
-    fields = text.rpartition(")")[2].split()
     try:
-        return int(fields[19])
+        return int(fields[19])  # field 22
     except (IndexError, ValueError):
         return None
 
@@ -189,6 +211,8 @@ def classify(record: OwnerRecord | None, here: HostIdentity | None = None) -> Ve
         return Verdict(Liveness.UNKNOWN, "start time unreadable")
     if ticks != record.start_ticks:
         return Verdict(Liveness.DEAD, "pid reused by a newer process")
+    if is_exiting(record.pid):
+        return Verdict(Liveness.DEAD, "exiting")
     return Verdict(Liveness.ALIVE, "running")
 
 

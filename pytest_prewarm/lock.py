@@ -161,7 +161,7 @@ class FlockLock:
         previous = read_record(self.owner_path)
         verdict = None
         if previous is not None and previous.state == "held":
-            verdict = classify(previous)
+            verdict = classify(previous) if _is_self(previous) else _settled_verdict(previous)
             if verdict.state is Liveness.ALIVE and not _is_self(previous):
                 # The kernel gave us the lock while a live process says it still holds it:
                 # flock does not exclude on this filesystem (NFS caches, VirtioFS). Building
@@ -170,7 +170,8 @@ class FlockLock:
                 lock.release(force=True)
                 raise PrewarmLockError(
                     f"flock on {self.lock_path} did not exclude: it was granted to pid "
-                    f"{record.pid} while {previous.describe()} still holds it ({verdict}). "
+                    f"{record.pid} while {previous.describe(local_hostname=local_host().hostname)} "
+                    f"still holds it ({verdict}). "
                     "The lock dir's filesystem does not provide working flock; use "
                     "--prewarm-lock-mode lease, or put --prewarm-lock-dir on a local "
                     "filesystem."
@@ -278,6 +279,21 @@ def acquire_or_wait(
                     on_notice(clock.monotonic() - start, lock.holder())
     finally:
         lock.stop_waiting()
+
+
+# How long a holder that lost its flock may still look alive before we call flock broken.
+# A killed process releases its locks early in exit; it is normally a zombie within
+# milliseconds, but a loaded machine can stretch that.
+EXIT_GRACE = 1.0
+
+
+def _settled_verdict(previous: OwnerRecord) -> Verdict:
+    verdict = classify(previous)
+    deadline = clock.monotonic() + EXIT_GRACE
+    while verdict.state is Liveness.ALIVE and clock.monotonic() < deadline:
+        time.sleep(0.002)  # polling a dying process's /proc entry; bounded by EXIT_GRACE
+        verdict = classify(previous)
+    return verdict
 
 
 def _is_self(record: OwnerRecord) -> bool:

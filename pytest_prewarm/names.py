@@ -37,14 +37,16 @@ def file_stem(name: str) -> str:
     """A file name for ``name`` that cannot leave the lock dir or collide with another name.
 
     Plain names ("db", "venv-3.12") are used as they are, so the lock dir stays readable.
-    Anything else ("../x", "a/b", "Ünï") is reduced to safe characters plus a hash of the
-    original, so "a/b" and "a_b" stay distinct.
+    Anything else ("../x", "a/b", "Ünï") is reduced to safe characters plus "~" and a hash
+    of the original, so "a/b" and "a_b" stay distinct.
     """
     if _SAFE.fullmatch(name) and name not in (".", ".."):
         return name
-    cleaned = _UNSAFE_CHARS.sub("_", name).strip("._")[:40] or "template"
+    cleaned = _UNSAFE_CHARS.sub("_", name).strip("._-")[:40] or "template"
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
-    return f"{cleaned}-{digest}"
+    # "~" never appears in a plain name (plain names are used unchanged), so no plain name
+    # can equal the stem of a hashed one and share its template.
+    return f"{cleaned}~{digest}"
 
 
 def canonical_key(key: Any, *, name: str) -> str:

@@ -447,16 +447,14 @@ class TemplateStore:
         }
         # The marker goes in last, then one rename makes the whole directory visible:
         # a reader sees no template or a complete one, never a partial one.
-        (attempt / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
-        lost = lock.lost()
-        if lost is not None:
-            # Lease mode only: we were judged stale and someone else took over. Our build
-            # may be fine, but publishing now could clobber theirs; theirs wins.
-            self._trash(attempt)
-            raise PrewarmLockError(
-                f"template {name!r}: lost the lease while building ({lost}); the build was "
-                "discarded. Raise --prewarm-stale-after if builds stall for longer than it."
-            )
+        try:
+            self._ensure_held(lock, name, attempt)
+            (attempt / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+            self._ensure_held(lock, name, attempt)
+        except FileNotFoundError:
+            # A successor that took over our lease moved our staging away.
+            self._ensure_held(lock, name, attempt)
+            raise
         published = self.published_dir(tid)
         if published.exists():
             self._trash(published)  # stale: other boot, or --prewarm-rebuild
@@ -474,6 +472,17 @@ class TemplateStore:
             )
         )
         return self._template_from(tid, request.key, meta, BUILT)
+
+    def _ensure_held(self, lock: Lock, name: str, attempt: Path) -> None:
+        lost = lock.lost()
+        if lost is not None:
+            # Lease mode only: we were judged stale and someone else took over. Our build
+            # may be fine, but publishing now could clobber theirs; theirs wins.
+            self._trash(attempt)
+            raise PrewarmLockError(
+                f"template {name!r}: lost the lease while building ({lost}); the build was "
+                "discarded. Raise --prewarm-stale-after if builds stall for longer than it."
+            )
 
     def _record_failure(self, tid: str, name: str, exc: BaseException) -> PrewarmBuildError:
         error = PrewarmBuildError(
