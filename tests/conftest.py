@@ -1,0 +1,325 @@
+"""Shared helpers: bounded waiting, spawned processes that are always reaped, inner suites.
+
+Nothing here is autouse: a test asks for what it needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+PYTHON = sys.executable
+T = TypeVar("T")
+
+# Environment a nested pytest must not inherit from an outer xdist worker or the user.
+_LEAKY_ENV = (
+    "PYTEST_XDIST_WORKER",
+    "PYTEST_XDIST_WORKER_COUNT",
+    "PYTEST_XDIST_TESTRUNUID",
+    "PYTEST_ADDOPTS",
+    "PYTEST_PLUGINS",
+    "PYTEST_DISABLE_PLUGIN_AUTOLOAD",
+)
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float = 30.0, *, what: str = "a condition"
+) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s.
+
+    This is waiting on an observable state (a file, an exit), never sleeping in place of
+    synchronisation: the short pause only keeps the poll from spinning a core.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def wait_for() -> Callable[..., Any]:
+    """``wait_for(predicate, timeout=30, what=...)``: bounded polling, see ``wait_until``."""
+    return wait_until
+
+
+class Proc:
+    """A spawned process whose output goes to a log file (no pipe can fill and block it)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], log: Path) -> None:
+        self.popen = popen
+        self.log = log
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"pid {self.pid} still running after {timeout:g} s; output so far:\n"
+                + self.output()
+            ) from None
+
+    def kill(self) -> None:
+        """SIGKILL the process and reap it, so it leaves no zombie behind."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        self.popen.wait(timeout=30)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class Processes:
+    """Spawns processes in their own session; every one is killed and reaped at teardown."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self._log_dir = log_dir
+        self._procs: list[Proc] = []
+
+    def spawn(
+        self, argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
+    ) -> Proc:
+        log = self._log_dir / f"proc-{len(self._procs)}.log"
+        full_env = {k: v for k, v in os.environ.items() if k not in _LEAKY_ENV}
+        full_env.update(env or {})
+        with open(log, "wb") as out:
+            popen = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # killpg then reaches xdist workers too
+            )
+        proc = Proc(popen, log)
+        self._procs.append(proc)
+        return proc
+
+    def python(self, code: str, *args: str, cwd: Path | None = None) -> Proc:
+        return self.spawn([PYTHON, "-c", textwrap.dedent(code), *args], cwd=cwd)
+
+    def reap(self) -> None:
+        for proc in self._procs:
+            if proc.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=30)
+
+
+@pytest.fixture
+def processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
+    """Spawn real processes; all of them are SIGKILLed (if still running) and reaped after."""
+    procs = Processes(tmp_path_factory.mktemp("proc-logs"))
+    try:
+        yield procs
+    finally:
+        procs.reap()
+
+
+# Written into every inner suite as prewarm_probe.py: what inner builders and tests use to
+# leave evidence (a counter of build attempts, one record per test) for the outer test.
+PROBE = '''
+"""Evidence left by an inner suite for the outer test to check."""
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RUN = os.environ.get("PREWARM_TEST_RUN", "run")
+COUNTER = HERE / "counter.jsonl"
+RECORDS = HERE / "records" / RUN
+# Concurrent runs that must meet share a group; by default each run is its own group.
+REQUESTS = HERE / "requests" / os.environ.get("PREWARM_TEST_GROUP", RUN)
+
+
+def worker():
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+def wait_until(predicate, timeout=80.0, what="a condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)
+
+
+def count_attempt(path, **extra):
+    """Append one line per build attempt (O_APPEND: concurrent appends stay whole)."""
+    path = Path(path)
+    line = {
+        "run": RUN,
+        "worker": worker(),
+        "pid": os.getpid(),
+        "path": str(path),
+        "empty": not any(path.iterdir()),
+        "siblings": sorted(p.name for p in path.parent.parent.iterdir()),
+        **extra,
+    }
+    with open(COUNTER, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(line) + "\\n")
+    return len(COUNTER.read_text(encoding="utf-8").splitlines())
+
+
+def announce_request():
+    """Say that this process is about to ask for the template."""
+    REQUESTS.mkdir(parents=True, exist_ok=True)
+    (REQUESTS / f"{worker()}-{os.getpid()}").touch()
+
+
+def wait_for_requests(count):
+    """Block a builder until ``count`` processes have asked for the template.
+
+    The waiters are then provably waiting while the build runs, not arriving after it.
+    """
+    wait_until(
+        lambda: REQUESTS.is_dir() and len(list(REQUESTS.iterdir())) >= count,
+        what=f"{count} requests",
+    )
+
+
+def write_files(path, count, kill_after=None):
+    """Fill ``path`` with ``count`` files, then a manifest of them, written last."""
+    path = Path(path)
+    manifest = {}
+    for i in range(count):
+        data = (f"file {i} ".encode() * (50 + 37 * i))[: 200 + 113 * i]
+        (path / f"part-{i:03d}.bin").write_bytes(data)
+        manifest[f"part-{i:03d}.bin"] = hashlib.sha256(data).hexdigest()
+        if kill_after is not None and i == kill_after:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def tree(path):
+    """Every file under ``path`` with its sha256."""
+    path = Path(path)
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def check_complete(path):
+    """Raise unless ``path`` holds exactly the files its manifest lists, all whole."""
+    files = tree(path)
+    manifest = json.loads(Path(path, "manifest.json").read_text())
+    del files["manifest.json"]
+    assert files == manifest, f"partial template at {path}"
+    return files
+
+
+def record(kind, **data):
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    data.update(kind=kind, worker=worker(), pid=os.getpid())
+    tmp = RECORDS / f".{uuid.uuid4().hex}.tmp"
+    tmp.write_text(json.dumps(data))
+    tmp.rename(RECORDS / f"{kind}-{uuid.uuid4().hex}.json")
+'''
+
+
+class Suite:
+    """An inner pytest suite in ``pytester.path``, run in real subprocesses."""
+
+    def __init__(
+        self, pytester: pytest.Pytester, processes: Processes, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        self.pytester = pytester
+        self.processes = processes
+        self.monkeypatch = monkeypatch
+        self.path = pytester.path
+        self.lock_dir = pytester.path / "lock-dir"
+        pytester.makepyfile(prewarm_probe=PROBE)
+
+    def write(self, **files: str) -> None:
+        """``write(conftest=..., test_x=...)``: dedented Python files in the suite."""
+        self.pytester.makepyfile(**{name: textwrap.dedent(src) for name, src in files.items()})
+
+    def run(
+        self,
+        *args: str,
+        lock_dir: bool = True,
+        run: str = "run",
+        env: dict[str, str] | None = None,
+        timeout: float = 100,
+    ) -> pytest.RunResult:
+        """Run the inner suite in a subprocess, bounded by ``timeout``.
+
+        ``env`` (plus ``PREWARM_TEST_RUN=run``) is set for this run only.
+        """
+        argv = ["-p", "no:cacheprovider"]
+        if lock_dir:
+            argv += ["--prewarm-lock-dir", str(self.lock_dir)]
+        with self.monkeypatch.context() as patch:
+            for name, value in {"PREWARM_TEST_RUN": run, **(env or {})}.items():
+                patch.setenv(name, value)
+            return self.pytester.runpytest_subprocess(*argv, *args, timeout=timeout)
+
+    def spawn(
+        self,
+        *args: str,
+        lock_dir: bool = True,
+        run: str = "run",
+        env: dict[str, str] | None = None,
+    ) -> Proc:
+        """Start the inner suite as a plain child process (for concurrent runs)."""
+        argv = [PYTHON, "-m", "pytest", "-p", "no:cacheprovider"]
+        if lock_dir:
+            argv += ["--prewarm-lock-dir", str(self.lock_dir)]
+        return self.processes.spawn(
+            [*argv, *args], cwd=self.path, env={"PREWARM_TEST_RUN": run, **(env or {})}
+        )
+
+    def attempts(self) -> list[dict[str, Any]]:
+        """One entry per build attempt, in order."""
+        counter = self.path / "counter.jsonl"
+        if not counter.exists():
+            return []
+        return [json.loads(line) for line in counter.read_text().splitlines()]
+
+    def records(self, kind: str, run: str = "run") -> list[dict[str, Any]]:
+        folder = self.path / "records" / run
+        return [json.loads(p.read_text()) for p in sorted(folder.glob(f"{kind}-*.json"))]
+
+
+@pytest.fixture
+def suite(
+    pytester: pytest.Pytester, processes: Processes, monkeypatch: pytest.MonkeyPatch
+) -> Suite:
+    """An inner suite with ``prewarm_probe`` importable; runs in subprocesses only."""
+    for name in _LEAKY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return Suite(pytester, processes, monkeypatch)
+
+
+def template_ids(lock_dir: Path) -> list[str]:
+    """Ids of the templates that have a lock file in ``lock_dir``."""
+    return sorted(p.name.removesuffix(".lock") for p in (lock_dir / "locks").glob("*.lock"))

@@ -1,0 +1,274 @@
+"""The TemplateStore driven directly, in one process: build once, publish whole, fail once."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import threading
+from pathlib import Path
+
+import pytest
+
+from pytest_prewarm import PrewarmBuildError, PrewarmTimeout, PrewarmUsageError, Template
+from pytest_prewarm.names import canonical_key, file_stem, key_digest
+from pytest_prewarm.store import Request, TemplateStore
+
+
+class Builder:
+    """A builder that counts its calls and remembers what it was given."""
+
+    def __init__(self, result=None, error: BaseException | None = None, files: int = 3):
+        self.calls: list[Path] = []
+        self.result = result
+        self.error = error
+        self.files = files
+        self.seen_empty: list[bool] = []
+
+    def __call__(self, path: Path):
+        self.calls.append(path)
+        self.seen_empty.append(not any(path.iterdir()))
+        for i in range(self.files):
+            (path / f"f{i}.txt").write_text(str(i) * (i + 1))
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def store(lock_dir: Path, *, run_id: str = "run-1", worker: str = "gw0", **kw) -> TemplateStore:
+    return TemplateStore(lock_dir, run_id=run_id, worker=worker, **kw)
+
+
+def request(build, name: str = "db", key=None, timeout: float = 10.0) -> Request:
+    return Request(name, build, key, timeout)
+
+
+def tid(name: str = "db", key=None) -> str:
+    return f"{file_stem(name)}.{key_digest(canonical_key(key, name=name))}"
+
+
+def test_the_builder_runs_once_and_gets_an_empty_staging_dir_inside_the_lock_dir(tmp_path):
+    build = Builder(result={"port": 5432, "pair": (1, 2)})
+    one = store(tmp_path)
+
+    first = one.get(request(build))
+    second = one.get(request(build))
+
+    assert len(build.calls) == 1
+    assert build.seen_empty == [True]
+    assert build.calls[0].is_relative_to(tmp_path / "staging" / tid())
+    assert second is first
+    assert first.origin == "built"
+    assert first.value == {"port": 5432, "pair": [1, 2]}  # the JSON round trip
+    assert first.built_by == "gw0"
+    assert first.name == "db"
+
+
+def test_a_published_template_is_a_whole_directory_with_its_meta(tmp_path):
+    build = Builder(result="v", files=5)
+
+    template = store(tmp_path).get(request(build, key={"schema": 3}))
+
+    assert isinstance(template, os.PathLike)
+    assert Path(os.fspath(template)) == template.path
+    assert template.path == tmp_path / "templates" / tid(key={"schema": 3}) / "data"
+    assert sorted(p.name for p in template.path.iterdir()) == [f"f{i}.txt" for i in range(5)]
+    assert (template / "f4.txt").read_text() == "44444"
+    assert template.key == {"schema": 3}
+    meta = json.loads((template.path.parent / "meta.json").read_text())
+    assert meta["name"] == "db"
+    assert meta["value"] == "v"
+    assert meta["built_by"] == "gw0"
+    assert meta["run_id"] == "run-1"
+    assert list((tmp_path / "staging" / tid(key={"schema": 3})).iterdir()) == []
+    assert "origin='built'" in repr(template)
+
+
+def test_another_process_of_the_run_reuses_the_published_template(tmp_path):
+    build = Builder(result=7)
+    store(tmp_path, worker="gw0").get(request(build))
+
+    again = store(tmp_path, worker="gw1").get(request(build))
+
+    assert len(build.calls) == 1
+    assert again.origin == "reused"
+    assert again.value == 7
+    assert again.built_by == "gw0"
+
+
+def test_a_different_key_is_a_different_template(tmp_path):
+    build = Builder()
+    one = store(tmp_path)
+
+    v1 = one.get(request(build, key="v1"))
+    v2 = one.get(request(build, key="v2"))
+
+    assert len(build.calls) == 2
+    assert v1.path != v2.path
+
+
+def test_rebuild_builds_again_once_per_run(tmp_path):
+    build = Builder()
+    store(tmp_path, run_id="earlier").get(request(build))
+
+    fresh = store(tmp_path, run_id="now", rebuild=True).get(request(build))
+    same_run = store(tmp_path, run_id="now", rebuild=True, worker="gw1").get(request(build))
+
+    assert len(build.calls) == 2
+    assert fresh.origin == "built"
+    assert same_run.origin == "reused"
+    assert same_run.path == fresh.path
+
+
+def test_a_failed_build_is_raised_to_every_later_request_of_the_run_without_retrying(tmp_path):
+    build = Builder(error=RuntimeError("no such table: users"))
+
+    with pytest.raises(PrewarmBuildError) as first:
+        store(tmp_path, worker="gw2").get(request(build))
+    with pytest.raises(PrewarmBuildError) as same_process:
+        store(tmp_path, worker="gw2").get(request(build))
+    with pytest.raises(PrewarmBuildError) as other_process:
+        store(tmp_path, worker="gw3").get(request(build))
+
+    assert len(build.calls) == 1
+    for error in (first.value, same_process.value, other_process.value):
+        assert error.template == "db"
+        assert error.exc_type == "RuntimeError"
+        assert error.exc_message == "no such table: users"
+        assert error.worker == "gw2"
+        assert error.pid == os.getpid()
+        assert "raise self.error" in error.traceback_text
+        assert "building template 'db' failed in gw2" in str(error)
+        assert "no such table: users" in str(error)
+    assert list((tmp_path / "staging" / tid()).iterdir()) == []
+    assert not (tmp_path / "templates" / tid()).exists()
+
+
+def test_a_later_run_tries_a_failed_build_again(tmp_path):
+    failing = Builder(error=RuntimeError("broken"))
+    with pytest.raises(PrewarmBuildError):
+        store(tmp_path, run_id="first").get(request(failing))
+    fixed = Builder(result="fixed")
+
+    template = store(tmp_path, run_id="second").get(request(fixed))
+
+    assert template.value == "fixed"
+    assert len(fixed.calls) == 1
+    assert fixed.seen_empty == [True]
+
+
+@pytest.mark.parametrize(
+    ("result", "type_name"), [({1, 2}, "set"), (object(), "object"), (float("nan"), "float")]
+)
+def test_a_result_that_is_not_json_fails_the_build_naming_template_and_type(
+    tmp_path, result, type_name
+):
+    build = Builder(result=result)
+
+    with pytest.raises(PrewarmBuildError) as info:
+        store(tmp_path).get(request(build))
+    with pytest.raises(PrewarmBuildError):
+        store(tmp_path, worker="gw1").get(request(build))
+
+    message = info.value.exc_message
+    assert f"builder of template 'db' returned {type_name}" in message
+    assert "not JSON-serialisable" in message
+    assert len(build.calls) == 1
+    assert not (tmp_path / "templates" / tid()).exists()
+
+
+def test_an_interrupted_build_leaves_no_failure_so_the_next_request_builds(tmp_path):
+    interrupted = Builder(error=KeyboardInterrupt())
+
+    with pytest.raises(KeyboardInterrupt):
+        store(tmp_path).get(request(interrupted))
+    retry = Builder(result="ok")
+    template = store(tmp_path, worker="gw1").get(request(retry))
+
+    assert template.value == "ok"
+    assert retry.seen_empty == [True]
+    assert list((tmp_path / "staging" / tid()).iterdir()) == []
+    assert not list((tmp_path / "failures").rglob("*.json"))
+
+
+def test_bad_names_and_keys_are_refused_before_anything_is_written(tmp_path):
+    one = store(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    build = Builder()
+
+    for bad in ("", "a\x00b", "x" * 201, 3):
+        with pytest.raises(PrewarmUsageError):
+            one.get(request(build, name=bad))
+    with pytest.raises(PrewarmUsageError, match="key"):
+        one.get(request(build, key=object()))
+
+    assert build.calls == []
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_builder_asking_for_its_own_template_gets_a_usage_error_not_a_deadlock(tmp_path):
+    one = store(tmp_path)
+
+    def build(path):
+        return one.get(request(build))
+
+    with pytest.raises(PrewarmBuildError) as info:
+        one.get(request(build))
+
+    assert "must not request its own template" in info.value.exc_message
+
+
+def test_a_second_store_times_out_while_another_holds_the_lock(tmp_path, wait_for):
+    started, release = threading.Event(), threading.Event()
+
+    def slow(path):
+        started.set()
+        assert release.wait(60), "the test never released the builder"
+        return "slow"
+
+    holder = store(tmp_path, worker="gw0")
+    results: list[Template] = []
+    thread = threading.Thread(target=lambda: results.append(holder.get(request(slow))))
+    thread.start()
+    try:
+        assert started.wait(30)
+        with pytest.raises(PrewarmTimeout) as info:
+            store(tmp_path, worker="gw1").get(request(Builder(), timeout=0.3))
+    finally:
+        release.set()
+        thread.join(30)
+
+    error = info.value
+    assert error.template == "db"
+    assert error.lock_path == str(tmp_path / "locks" / f"{tid()}.lock")
+    assert 0.3 <= error.waited < 10
+    assert "gw0" in str(error)
+    assert f"pid {os.getpid()}" in str(error)
+    assert "alive" in str(error)
+    assert results[0].value == "slow"
+
+
+def test_errors_survive_pickling_across_processes():
+    build_error = PrewarmBuildError("db", "RuntimeError", "boom", "Traceback...", "gw1", 42)
+    timeout = PrewarmTimeout("timed out waiting for 'db'", "db", "/l/db.lock", 1.5)
+
+    build_copy = pickle.loads(pickle.dumps(build_error))
+    timeout_copy = pickle.loads(pickle.dumps(timeout))
+
+    assert str(build_copy) == str(build_error)
+    assert (build_copy.worker, build_copy.pid, build_copy.exc_message) == ("gw1", 42, "boom")
+    assert str(timeout_copy) == str(timeout)
+    assert (timeout_copy.template, timeout_copy.lock_path, timeout_copy.waited) == (
+        "db",
+        "/l/db.lock",
+        1.5,
+    )
+
+
+def test_the_store_creates_its_directories_owner_only(tmp_path):
+    lock_dir = tmp_path / "locks-root"
+
+    store(lock_dir)
+
+    for sub in ("locks", "staging", "templates", "failures", "trash"):
+        assert (lock_dir / sub).stat().st_mode & 0o777 == 0o700
