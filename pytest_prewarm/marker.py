@@ -18,7 +18,7 @@ MARKER_LINE = (
 )
 
 
-def _signature(*names: str) -> tuple[str, ...]:
+def prewarm(*names: str) -> tuple[str, ...]:
     # Called with the marker's own args/kwargs, so Python reports a keyword argument or a
     # wrong call the usual way (TypeError), exactly like calling a function.
     return names
@@ -33,7 +33,7 @@ def marker_names(item: pytest.Item) -> list[str]:
     names: list[str] = []
     for mark in item.iter_markers("prewarm"):
         try:
-            given = _signature(*mark.args, **mark.kwargs)
+            given = prewarm(*mark.args, **mark.kwargs)
             if not given:
                 raise TypeError('needs at least one template name, e.g. prewarm("db")')
             for name in given:
