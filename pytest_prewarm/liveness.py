@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import cache
 
-import psutil
-
 from . import clock
 from .owner import MAX_PID, OwnerRecord
 
@@ -55,6 +53,8 @@ def boot_id() -> str | None:
     found = _read_text("/proc/sys/kernel/random/boot_id")
     if found:
         return found
+    import psutil  # on first use: most pytest processes never judge a holder
+
     try:
         return f"boot-time:{psutil.boot_time():.0f}"
     except (psutil.Error, OSError):
@@ -133,6 +133,8 @@ def local_host() -> HostIdentity:
 
 @cache
 def _own_create_time(pid: int) -> float | None:
+    import psutil  # on first use: most pytest processes never judge a holder
+
     try:
         return psutil.Process(pid).create_time()
     except psutil.Error:
@@ -189,6 +191,8 @@ def classify(record: OwnerRecord | None, here: HostIdentity | None = None) -> Ve
         return Verdict(Liveness.UNKNOWN, "start time unrecorded")
     if not 0 < record.pid <= MAX_PID:
         return Verdict(Liveness.UNKNOWN, f"pid {record.pid} is out of range")
+    import psutil  # on first use: most pytest processes never judge a holder
+
     try:
         proc = psutil.Process(record.pid)
         status = proc.status()

@@ -24,10 +24,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from filelock import Timeout as FileLockTimeout
-from filelock import UnixFileLock
+if TYPE_CHECKING:
+    from filelock import UnixFileLock
+
 
 from . import clock
 from .exceptions import PrewarmLockError, PrewarmTimeout
@@ -139,6 +140,9 @@ class FlockLock:
     def try_acquire(self, record: OwnerRecord) -> Acquired | None:
         """Take the lock without blocking; ``None`` if someone else holds it."""
         tmp = self._prepare_record(record)
+        from filelock import Timeout as FileLockTimeout
+        from filelock import UnixFileLock  # on first use, like psutil in liveness.py
+
         lock = UnixFileLock(
             str(self.lock_path),
             mode=0o600,
