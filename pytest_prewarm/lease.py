@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import clock
-from .liveness import Liveness, Verdict, classify
+from .liveness import Liveness, Verdict, classify, prepare_classify
 from .lock import Acquired, Holder
 from .owner import OwnerRecord, read_record
 
@@ -207,3 +207,6 @@ class LeaseLock:
 
     def stop_waiting(self) -> None:
         self._seen = None
+
+    def prepare(self) -> None:
+        prepare_classify()

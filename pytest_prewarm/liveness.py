@@ -220,6 +220,11 @@ def classify(record: OwnerRecord | None, here: HostIdentity | None = None) -> Ve
     return Verdict(Liveness.ALIVE, "running")
 
 
+def prepare_classify() -> None:
+    """Import what ``classify`` needs now, so a later takeover does not wait for it."""
+    import psutil  # noqa: F401
+
+
 def held_for(record: OwnerRecord) -> float:
     """Seconds since the holder took the lock, by its wall clock (for messages only)."""
     return max(0.0, clock.wall() - record.started_at)

@@ -24,7 +24,7 @@ import threading
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from .config import timeout_hint
 from .events import BUILT, FAILED, REUSED, TIMEOUT, WAITED, TemplateEvent
 from .exceptions import PrewarmBuildError, PrewarmLockError, PrewarmTimeout, PrewarmUsageError
 from .lease import LeaseLock
-from .liveness import Liveness, boot_id, own_identity, pid_namespace
+from .liveness import Liveness, boot_id, local_host, own_identity, pid_namespace
 from .lock import Acquired, FlockLock, Holder, Lock, acquire_or_wait
 from .names import canonical_key, check_name, file_stem, key_digest
 from .owner import OwnerRecord, write_atomic
@@ -130,7 +130,9 @@ class TemplateStore:
         self._results: dict[str, Template | PrewarmBuildError] = {}
         self._guards: dict[str, threading.Lock] = {}
         self._guards_lock = threading.Lock()
-        self._guard_owners: dict[str, int] = {}  # tid -> thread ident holding its guard
+        self._guard_owners: dict[str, int] = {}
+        self._to_delete: list[Path] = []
+        self._identity: OwnerRecord | None = None  # tid -> thread ident holding its guard
         self._boot_id = boot_id()
         for sub in ("locks", "staging", "templates", "failures", "trash"):
             (lock_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -249,21 +251,23 @@ class TemplateStore:
         return _Published(meta)
 
     def _make_record(self, name: str) -> OwnerRecord:
-        pid, ticks, created = own_identity()
-        from .liveness import local_host
-
-        return OwnerRecord(
-            pid=pid,
-            hostname=local_host().hostname,
-            boot_id=self._boot_id,
-            pid_ns=pid_namespace(),
-            start_ticks=ticks,
-            create_time=created,
-            worker=self.worker,
-            run_id=self.run_id,
-            started_at=clock.wall(),
-            template=name,
-        )
+        # Who we are does not change within a process (a forked child has another pid and
+        # computes its own), so it is read once, not on every attempt of a takeover.
+        pid = os.getpid()
+        if self._identity is None or self._identity.pid != pid:
+            _, ticks, created = own_identity()
+            self._identity = OwnerRecord(
+                pid=pid,
+                hostname=local_host().hostname,
+                boot_id=self._boot_id,
+                pid_ns=pid_namespace(),
+                start_ticks=ticks,
+                create_time=created,
+                worker=self.worker,
+                run_id=self.run_id,
+                started_at=0.0,
+            )
+        return replace(self._identity, started_at=clock.wall(), template=name)
 
     def _get_uncached(self, request: Request, tid: str, *, wait: bool) -> Template | None:
         __tracebackhide__ = True  # users need the builder's frames, not ours
@@ -335,6 +339,7 @@ class TemplateStore:
             return self._build(request, tid, lock, acquired, waited)
         finally:
             lock.release()
+            self._empty_trash()
 
     def _make_lock(self, tid: str, name: str) -> Lock:
         locks = self.lock_dir / "locks"
@@ -375,7 +380,13 @@ class TemplateStore:
         target = self.lock_dir / "trash" / f"{path.name}.{uuid.uuid4().hex[:8]}"
         with contextlib.suppress(FileNotFoundError):
             os.rename(path, target)
-            _delete_in_background(target)
+            self._to_delete.append(target)
+
+    def _empty_trash(self) -> None:
+        # Deleting is deferred until the lock is released: a deleting thread competes with
+        # the builder for the GIL, which delayed takeovers by milliseconds.
+        while self._to_delete:
+            _delete_in_background(self._to_delete.pop())
 
     def _build(
         self, request: Request, tid: str, lock: Lock, acquired: Acquired, waited: float
@@ -459,6 +470,9 @@ class TemplateStore:
         if published.exists():
             self._trash(published)  # stale: other boot, or --prewarm-rebuild
         os.rename(attempt, published)
+        # Release before any bookkeeping: waiters are woken by the release, and every
+        # microsecond spent here is added to each of their waits.
+        lock.release()
         self._emit(
             TemplateEvent(
                 name,
