@@ -21,7 +21,7 @@ import pytest
 from . import config as config_mod
 from . import console, lockdir, marker, report
 from .config import Settings
-from .events import TemplateEvent
+from .events import BUILT, FAILED, TemplateEvent
 from .exceptions import PrewarmUsageError
 from .lock import Holder
 from .names import file_stem
@@ -48,6 +48,8 @@ class State:
     worker_events: list[TemplateEvent] = field(default_factory=list)
     reported_workers: set[str] = field(default_factory=set)
     eager_thread: threading.Thread | None = None
+    unflushed: list[TemplateEvent] = field(default_factory=list)
+    flush_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def request_for(
         self,
@@ -80,14 +82,28 @@ class State:
         return self.lock_dir / "events" / file_stem(self.run_id)
 
     def record_event(self, event: TemplateEvent) -> None:
-        # Also on disk, line by line: a worker killed later still has its events read
-        # by the controller, since a crashed worker sends no workeroutput.
+        # A waiter's event is kept in memory until its test ends: writing it here would
+        # lengthen every wake-up. A build's event is written at once (after the lock is
+        # released), so that a builder killed in the same test still leaves it behind.
+        self.unflushed.append(event)
+        if event.outcome in (BUILT, FAILED):
+            self.flush_events()
+
+    def flush_events(self) -> None:
+        """Append unflushed events to this process's file in the lock dir."""
+        with self.flush_lock:  # the eager thread and the main thread both flush
+            if not self.unflushed:
+                return
+            events, self.unflushed = self.unflushed, []
+            self._append(events)
+
+    def _append(self, events: list[TemplateEvent]) -> None:
         self.events_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        line = json.dumps(event.to_dict()) + "\n"
+        lines = "".join(json.dumps(e.to_dict()) + "\n" for e in events)
         path = self.events_dir / f"{file_stem(self.worker)}-{os.getpid()}.jsonl"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            os.write(fd, line.encode())
+            os.write(fd, lines.encode())
         finally:
             os.close(fd)
 
@@ -211,6 +227,20 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     )
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    try:
+        return (yield)
+    finally:
+        _flush(item.config)
+
+
+def _flush(config: pytest.Config | None) -> None:
+    state = None if config is None else config.stash.get(STATE_KEY, None)
+    if state is not None:
+        state.flush_events()
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
@@ -218,6 +248,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if state is not None and state.eager_thread is not None:
         # Let a background build finish (or fail) rather than abandon it half-way.
         state.eager_thread.join(state.settings.timeout.value)
+    _flush(config)
     if state is not None and _is_worker(config):
         config.workeroutput[WORKEROUTPUT_EVENTS] = [  # type: ignore[attr-defined]
             e.to_dict() for e in state.store.events
