@@ -173,7 +173,10 @@ class LeaseLock:
             return f"generation {top} was claimed while we held {self._gen}"
         return self._lost
 
-    def release(self) -> None:
+    def held_by(self) -> OwnerRecord | None:
+        return self._record
+
+    def release(self, *, published: bool = False) -> None:
         gen = self._gen
         if gen is None:
             return

@@ -114,7 +114,17 @@ class Acquired:
 class FlockLock:
     """Exclusive lock of one template plus the owner record beside it."""
 
-    def __init__(self, lock_path: Path, owner_path: Path, template: str) -> None:
+    def __init__(
+        self,
+        lock_path: Path,
+        owner_path: Path,
+        template: str,
+        finished_by: Callable[[OwnerRecord], bool] | None = None,
+    ) -> None:
+        # finished_by(record) tells whether that holder published the template: a holder
+        # that published releases without rewriting its record, which keeps a file
+        # replacement (0.5 ms on ext4) off every waiter's wake-up.
+        self.finished_by = finished_by
         self.lock_path = lock_path
         self.owner_path = owner_path
         self.template = template
@@ -192,6 +202,13 @@ class FlockLock:
             ) from exc
         previous = read_record(self.owner_path)
         verdict = None
+        if (
+            previous is not None
+            and previous.state == "held"
+            and self.finished_by is not None
+            and self.finished_by(previous)
+        ):
+            previous = previous.released()
         if previous is not None and previous.state == "held":
             verdict = classify(previous) if _is_self(previous) else _settled_verdict(previous)
             if verdict.state is Liveness.ALIVE and not _is_self(previous):
@@ -212,14 +229,18 @@ class FlockLock:
         self._held, self._record = lock, record
         return Acquired(previous, verdict)
 
-    def release(self) -> None:
+    def held_by(self) -> OwnerRecord | None:
+        return self._record
+
+    def release(self, *, published: bool = False) -> None:
         lock, record = self._held, self._record
         if lock is None or record is None:
             return
         try:
             # Say "released" before unlocking, so the next holder can tell a clean release
-            # from a holder that died with the lock.
-            write_atomic(self.owner_path, record.released().to_json())
+            # from a holder that died with the lock. A published template says it already.
+            if not published:
+                write_atomic(self.owner_path, record.released().to_json())
         finally:
             self._held = self._record = None
             lock.release(force=True)
@@ -255,7 +276,8 @@ class Lock(Protocol):
 
     def try_acquire(self, record: OwnerRecord) -> Acquired | None: ...
     def prepare(self) -> None: ...
-    def release(self) -> None: ...
+    def held_by(self) -> OwnerRecord | None: ...
+    def release(self, *, published: bool = False) -> None: ...
     def holder(self) -> Holder: ...
     def wait_for_change(self, until: float) -> None: ...
     def stop_waiting(self) -> None: ...

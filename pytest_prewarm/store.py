@@ -350,7 +350,16 @@ class TemplateStore:
                 stale_after=self.stale_after,
                 heartbeat=self.heartbeat,
             )
-        return FlockLock(locks / f"{tid}.lock", locks / f"{tid}.owner.json", name)
+        return FlockLock(
+            locks / f"{tid}.lock",
+            locks / f"{tid}.owner.json",
+            name,
+            finished_by=lambda record: self._published_by(tid, record),
+        )
+
+    def _published_by(self, tid: str, record: OwnerRecord) -> bool:
+        meta = _read_json(self.published_dir(tid) / META_FILE)
+        return meta is not None and meta.get("holder") == _holder_id(record)
 
     def _notice_for(self, name: str) -> Callable[[float, Holder], None] | None:
         if self.on_notice is None:
@@ -455,6 +464,8 @@ class TemplateStore:
             "boot_id": self._boot_id,
             "build_seconds": build_seconds,
             "published_at": clock.wall(),
+            # Which hold published it: the next holder then knows this one finished.
+            "holder": _holder_id(lock.held_by()),
         }
         # The marker goes in last, then one rename makes the whole directory visible:
         # a reader sees no template or a complete one, never a partial one.
@@ -472,7 +483,7 @@ class TemplateStore:
         os.rename(attempt, published)
         # Release before any bookkeeping: waiters are woken by the release, and every
         # microsecond spent here is added to each of their waits.
-        lock.release()
+        lock.release(published=True)
         self._emit(
             TemplateEvent(
                 name,
@@ -523,6 +534,10 @@ class TemplateStore:
             ),
         )
         return error
+
+
+def _holder_id(record: OwnerRecord | None) -> list[Any] | None:
+    return None if record is None else [record.pid, record.started_at]
 
 
 def _builder_traceback(exc: BaseException) -> str:
