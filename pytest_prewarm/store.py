@@ -32,7 +32,6 @@ from . import clock
 from .config import timeout_hint
 from .events import BUILT, FAILED, REUSED, TIMEOUT, WAITED, TemplateEvent
 from .exceptions import PrewarmBuildError, PrewarmLockError, PrewarmTimeout, PrewarmUsageError
-from .lease import LeaseLock
 from .liveness import Liveness, boot_id, local_host, own_identity, pid_namespace
 from .lock import Acquired, FlockLock, Holder, Lock, acquire_or_wait
 from .names import canonical_key, check_name, file_stem, key_digest
@@ -344,6 +343,8 @@ class TemplateStore:
     def _make_lock(self, tid: str, name: str) -> Lock:
         locks = self.lock_dir / "locks"
         if self.lock_mode == "lease":
+            from .lease import LeaseLock  # most runs use flock; skip its import there
+
             return LeaseLock(
                 locks / f"{tid}.lease",
                 name,
