@@ -28,7 +28,8 @@ Variants (``--modes``):
   filelock's default poll interval (50 ms).
 * ``sss``: pytest-shared-session-scope's lock as its yield-form fixture uses it:
   ``with JsonStore().lock(...)``, read, and on StoreValueNotExists build and write. Needs the
-  package, from ``--python`` or from the scratch venv /work/.benchvenv; skipped otherwise.
+  package, from ``--python`` or from $PREWARM_BENCH_PEERS_PYTHON (default .venv-peers/bin/python);
+  skipped otherwise.
 
 Not measured, because the answer is known without a stopwatch: an eve-style lock (mkdir plus an
 owner.json with pid and hostname, liveness by ``kill(pid, 0)``, 250 ms poll, 10 min stale
@@ -62,7 +63,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
-BENCH_VENV_PYTHON = Path("/work/.benchvenv/bin/python")
+# A separate interpreter that has pytest-shared-session-scope, if --python lacks it.
+BENCH_VENV_PYTHON = Path(os.environ.get("PREWARM_BENCH_PEERS_PYTHON", ".venv-peers/bin/python"))
 
 VARIANTS: tuple[str, ...] = ("flock", "lease", "recipe", "sss")
 PLUGIN_VARIANTS: tuple[str, ...] = ("flock", "lease")
