@@ -23,7 +23,7 @@ PYTHON = sys.executable
 T = TypeVar("T")
 
 # Environment a nested pytest must not inherit from an outer xdist worker or the user.
-_LEAKY_ENV = (
+LEAKY_ENV = (
     "PYTEST_XDIST_WORKER",
     "PYTEST_XDIST_WORKER_COUNT",
     "PYTEST_XDIST_TESTRUNUID",
@@ -31,6 +31,18 @@ _LEAKY_ENV = (
     "PYTEST_PLUGINS",
     "PYTEST_DISABLE_PLUGIN_AUTOLOAD",
 )
+
+
+def env_without_leaks() -> dict[str, str]:
+    """os.environ without what a nested pytest must not inherit (see LEAKY_ENV)."""
+    return {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
+
+
+@pytest.fixture
+def no_leaky_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remove LEAKY_ENV from the environment for one test (inner pytester runs)."""
+    for name in LEAKY_ENV:
+        monkeypatch.delenv(name, raising=False)
 
 
 def wait_until(
@@ -98,7 +110,7 @@ class Processes:
         self, argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
     ) -> Proc:
         log = self._log_dir / f"proc-{len(self._procs)}.log"
-        full_env = {k: v for k, v in os.environ.items() if k not in _LEAKY_ENV}
+        full_env = {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
         full_env.update(env or {})
         with open(log, "wb") as out:
             popen = subprocess.Popen(
@@ -158,6 +170,18 @@ REQUESTS = HERE / "requests" / os.environ.get("PREWARM_TEST_GROUP", RUN)
 
 def worker():
     return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+def env_without_leaks() -> dict[str, str]:
+    """os.environ without what a nested pytest must not inherit (see LEAKY_ENV)."""
+    return {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
+
+
+@pytest.fixture
+def no_leaky_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remove LEAKY_ENV from the environment for one test (inner pytester runs)."""
+    for name in LEAKY_ENV:
+        monkeypatch.delenv(name, raising=False)
 
 
 def wait_until(predicate, timeout=80.0, what="a condition"):
@@ -315,7 +339,7 @@ def suite(
     pytester: pytest.Pytester, processes: Processes, monkeypatch: pytest.MonkeyPatch
 ) -> Suite:
     """An inner suite with ``prewarm_probe`` importable; runs in subprocesses only."""
-    for name in _LEAKY_ENV:
+    for name in LEAKY_ENV:
         monkeypatch.delenv(name, raising=False)
     return Suite(pytester, processes, monkeypatch)
 

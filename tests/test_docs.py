@@ -45,15 +45,6 @@ DEMO_DIR = "examples/sqlite_demo"
 INNER_ARGS = ("-n", "2", "-p", "no:cacheprovider", "-p", "no:hypothesispytest")
 INNER_TIMEOUT = 100
 
-# Environment a nested pytest must not inherit from an outer xdist worker or the user.
-LEAKY_ENV = (
-    "PYTEST_XDIST_WORKER",
-    "PYTEST_XDIST_WORKER_COUNT",
-    "PYTEST_XDIST_TESTRUNUID",
-    "PYTEST_ADDOPTS",
-    "PYTEST_PLUGINS",
-    "PYTEST_DISABLE_PLUGIN_AUTOLOAD",
-)
 
 _FENCE = re.compile(r"^(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)")
 _FILE_COMMENT = re.compile(
@@ -151,12 +142,6 @@ def section_of(doc: Path, title: str) -> list[str]:
     return lines[start:end]
 
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in LEAKY_ENV:
-        monkeypatch.delenv(name, raising=False)
-
-
 def run_inner(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest_subprocess(*INNER_ARGS, *args, timeout=INNER_TIMEOUT)
 
@@ -187,7 +172,7 @@ def test_python_block_compiles(block: Block) -> None:
 
 
 @pytest.mark.parametrize("section", runnable_sections(), ids=lambda s: s.id)
-@pytest.mark.usefixtures("clean_env")
+@pytest.mark.usefixtures("no_leaky_env")
 def test_documented_example_runs(pytester: pytest.Pytester, section: Section) -> None:
     written: dict[str, Block] = {}
     for block in section.blocks:
@@ -240,7 +225,7 @@ def test_readme_has_exactly_two_setup_commands() -> None:
     assert (ROOT / demo_dir / "pytest.ini").is_file()
 
 
-@pytest.mark.usefixtures("clean_env")
+@pytest.mark.usefixtures("no_leaky_env")
 def test_readme_options_table_matches_pytest_help(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--help", timeout=INNER_TIMEOUT)
     assert result.ret == 0, describe(result)
@@ -320,7 +305,7 @@ def _documented_paths() -> set[str]:
     return set(re.findall(r"^\| `([a-z_]+(?:\[\])?(?:\.[a-z_]+(?:\[\])?)*)` \|", text, re.M))
 
 
-@pytest.mark.usefixtures("clean_env")
+@pytest.mark.usefixtures("no_leaky_env")
 def test_json_report_fields_are_the_documented_ones(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(**{name.removesuffix(".py"): src for name, src in _SCHEMA_SUITE.items()})
     # --dist each: both workers ask for both templates, so there are builds, a failure,

@@ -14,15 +14,6 @@ from typing import Any
 
 import pytest
 
-LEAKY_ENV = (
-    "PYTEST_XDIST_WORKER",
-    "PYTEST_XDIST_WORKER_COUNT",
-    "PYTEST_XDIST_TESTRUNUID",
-    "PYTEST_ADDOPTS",
-    "PYTEST_PLUGINS",
-    "PYTEST_DISABLE_PLUGIN_AUTOLOAD",
-)
-
 LOGGING = """
     import json
     import os
@@ -71,9 +62,8 @@ LOGGING = """
 
 
 @pytest.fixture(autouse=True)
-def _no_leaky_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in LEAKY_ENV:
-        monkeypatch.delenv(name, raising=False)
+def _no_leaky_env(no_leaky_env: None) -> None:
+    """Every test here runs inner pytest sessions (see conftest.LEAKY_ENV)."""
 
 
 def write(pytester: pytest.Pytester, **files: str) -> None:

@@ -11,15 +11,6 @@ import textwrap
 
 import pytest
 
-LEAKY_ENV = (
-    "PYTEST_XDIST_WORKER",
-    "PYTEST_XDIST_WORKER_COUNT",
-    "PYTEST_XDIST_TESTRUNUID",
-    "PYTEST_ADDOPTS",
-    "PYTEST_PLUGINS",
-    "PYTEST_DISABLE_PLUGIN_AUTOLOAD",
-)
-
 # Two registered templates; each build appends one line to builds.jsonl.
 CONFTEST = """
     import json
@@ -68,9 +59,8 @@ CONFTEST = """
 
 
 @pytest.fixture(autouse=True)
-def _no_leaky_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in LEAKY_ENV:
-        monkeypatch.delenv(name, raising=False)
+def _no_leaky_env(no_leaky_env: None) -> None:
+    """Every test here runs inner pytest sessions (see conftest.LEAKY_ENV)."""
 
 
 def write(pytester: pytest.Pytester, **files: str) -> None:

@@ -20,16 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import env_without_leaks
 
-# Environment that an inner pytest must not inherit from an outer xdist worker or the user.
-LEAKY_ENV = (
-    "PYTEST_XDIST_WORKER",
-    "PYTEST_XDIST_WORKER_COUNT",
-    "PYTEST_XDIST_TESTRUNUID",
-    "PYTEST_ADDOPTS",
-    "PYTEST_PLUGINS",
-    "PYTEST_DISABLE_PLUGIN_AUTOLOAD",
-)
 RUN_TIMEOUT = 100.0
 
 # Shared by the inner suites: bounded waits on files, and who-am-I.
@@ -94,10 +86,6 @@ class Outcome:
         return (self.path / name).read_text()
 
 
-def _clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
-
-
 def run_suite(path: Path, *args: str) -> Outcome:
     """Run pytest in ``path`` as a subprocess; its whole process group dies on timeout."""
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
@@ -105,7 +93,7 @@ def run_suite(path: Path, *args: str) -> Outcome:
     with subprocess.Popen(
         argv,
         cwd=path,
-        env=_clean_env(),
+        env=env_without_leaks(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -130,9 +118,8 @@ def write_suite(path: Path, **files: str) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _no_leaky_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in LEAKY_ENV:
-        monkeypatch.delenv(name, raising=False)
+def _no_leaky_env(no_leaky_env: None) -> None:
+    """Every test here runs inner pytest sessions (see conftest.LEAKY_ENV)."""
 
 
 def run_pytester(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
