@@ -172,18 +172,6 @@ def worker():
     return os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 
-def env_without_leaks() -> dict[str, str]:
-    """os.environ without what a nested pytest must not inherit (see LEAKY_ENV)."""
-    return {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
-
-
-@pytest.fixture
-def no_leaky_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Remove LEAKY_ENV from the environment for one test (inner pytester runs)."""
-    for name in LEAKY_ENV:
-        monkeypatch.delenv(name, raising=False)
-
-
 def wait_until(predicate, timeout=80.0, what="a condition"):
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -403,10 +403,14 @@ def test_four_processes_reclaiming_one_dead_lease_at_once_end_with_one_builder(a
     assert overlaps(read_log(arena.log)) == []
     # The reclaim winner holds generation 2, the claim it won; whatever generations came
     # after (a loser may claim and release at once, seeing the template published), every
-    # one of them was released, and none of them was removed while it was the top.
+    # one of them was released. A holder of generation g removes generations below g - 1
+    # (they can never be the top again), so the top two generations are always there.
     files = arena.lease_files()
-    claim_2 = json.loads((arena.lease_dir() / "claim.2").read_text())
-    assert claim_2["worker"] == builder
     top = max(int(name.split(".")[1]) for name in files)
-    assert {f"claim.{gen}" for gen in range(2, top + 1)} <= files
-    assert {f"claim.{gen}.released" for gen in range(2, top + 1)} <= files
+    assert top >= 2
+    kept = {int(name.split(".")[1]) for name in files if name.count(".") == 1}
+    assert {max(top - 1, 2), top} <= kept
+    assert {f"claim.{gen}.released" for gen in kept if gen >= 2} <= files
+    if 2 in kept:
+        claim_2 = json.loads((arena.lease_dir() / "claim.2").read_text())
+        assert claim_2["worker"] == builder
