@@ -149,6 +149,23 @@ def own_identity() -> tuple[int, int | None, float | None]:
     return pid, start_ticks(pid), _own_create_time(pid)
 
 
+def own_record(worker: str, run_id: str) -> OwnerRecord:
+    """An owner record naming the calling process (``started_at`` left at 0)."""
+    pid, ticks, created = own_identity()
+    here = local_host()
+    return OwnerRecord(
+        pid=pid,
+        hostname=here.hostname,
+        boot_id=here.boot_id,
+        pid_ns=here.pid_ns,
+        start_ticks=ticks,
+        create_time=created,
+        worker=worker,
+        run_id=run_id,
+        started_at=0.0,
+    )
+
+
 def _foreign(record: OwnerRecord, here: HostIdentity) -> str | None:
     """Why ``record`` cannot be judged from here, or ``None`` if it can."""
     if record.hostname is None:

@@ -9,8 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .liveness import Liveness, classify, local_host, own_identity
-from .owner import OwnerRecord, read_record, write_atomic
+from .liveness import Liveness, classify, own_record
+from .owner import read_record, write_atomic
 
 # Per-run default dirs live directly in the system temp dir, not under pytest-of-USER:
 # pytest's numbered-dir cleanup deletes unknown "pytest-*" folders there, which would wipe
@@ -138,20 +138,7 @@ def create_run_dir(run_id: str, worker: str) -> Path:
     """A fresh lock dir for one test run, recorded with its creator so orphans can be swept."""
     sweep_orphans()
     path = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))  # mkdtemp makes it 0o700
-    pid, ticks, created = own_identity()
-    here = local_host()
-    record = OwnerRecord(
-        pid=pid,
-        hostname=here.hostname,
-        boot_id=here.boot_id,
-        pid_ns=here.pid_ns,
-        start_ticks=ticks,
-        create_time=created,
-        worker=worker,
-        run_id=run_id,
-        started_at=0.0,
-    )
-    write_atomic(path / RUN_RECORD, record.to_json())
+    write_atomic(path / RUN_RECORD, own_record(worker, run_id).to_json())
     return path
 
 

@@ -71,9 +71,6 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._builders)
 
-    def clear(self) -> None:
-        self._builders.clear()
-
     def snapshot(self) -> dict[str, Registered]:
         return dict(self._builders)
 

@@ -42,18 +42,18 @@ class TemplateSummary:
         return "unused"
 
     def outcome(self) -> str:
-        if self.builds:
+        code = self.outcome_code()
+        if code == "built":
             parts = [f"built by {e.worker} in {_secs(e.build_seconds or 0.0)}" for e in self.builds]
             return "; ".join(parts)
-        if self.failures:
+        if code == "failed":
             first = self.failures[0]
             message = (first.error or "").splitlines()[0] if first.error else "error"
             return f"failed in {first.worker} after {_secs(first.build_seconds or 0.0)}: {message}"
-        if any(e.outcome == TIMEOUT for e in self.waits):
-            return "not built: timed out waiting for the lock"
-        if self.reused or self.waits:
-            return "reused (published before this run)"
-        return "not built"
+        return {
+            "timeout": "not built: timed out waiting for the lock",
+            "reused": "reused (published before this run)",
+        }.get(code, "not built")
 
 
 def summarize(events: Iterable[TemplateEvent]) -> list[TemplateSummary]:

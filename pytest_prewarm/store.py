@@ -32,7 +32,7 @@ from . import clock
 from .config import timeout_hint
 from .events import BUILT, FAILED, REUSED, TIMEOUT, WAITED, TemplateEvent
 from .exceptions import PrewarmBuildError, PrewarmLockError, PrewarmTimeout, PrewarmUsageError
-from .liveness import Liveness, boot_id, local_host, own_identity, pid_namespace
+from .liveness import Liveness, boot_id, own_record
 from .lock import Acquired, FlockLock, Holder, Lock, acquire_or_wait
 from .names import canonical_key, check_name, file_stem, key_digest
 from .owner import OwnerRecord, write_atomic
@@ -252,20 +252,8 @@ class TemplateStore:
     def _make_record(self, name: str) -> OwnerRecord:
         # Who we are does not change within a process (a forked child has another pid and
         # computes its own), so it is read once, not on every attempt of a takeover.
-        pid = os.getpid()
-        if self._identity is None or self._identity.pid != pid:
-            _, ticks, created = own_identity()
-            self._identity = OwnerRecord(
-                pid=pid,
-                hostname=local_host().hostname,
-                boot_id=self._boot_id,
-                pid_ns=pid_namespace(),
-                start_ticks=ticks,
-                create_time=created,
-                worker=self.worker,
-                run_id=self.run_id,
-                started_at=0.0,
-            )
+        if self._identity is None or self._identity.pid != os.getpid():
+            self._identity = own_record(self.worker, self.run_id)
         return replace(self._identity, started_at=clock.wall(), template=name)
 
     def _get_uncached(self, request: Request, tid: str, *, wait: bool) -> Template | None:
