@@ -153,7 +153,8 @@ def build_{name}(path):
 SYNC_WALK = """
 
 from pytest_prewarm import marker
-from pytest_prewarm.plugin import STATE_KEY, _worker_index
+from pytest_prewarm.eager import worker_index
+from pytest_prewarm.plugin import STATE_KEY
 
 
 def pytest_collection_finish(session):
@@ -165,7 +166,7 @@ def pytest_collection_finish(session):
     if not names:
         return
     requests = [state.request_for(name) for name in names]
-    offset = _worker_index(state.worker) % len(requests)
+    offset = worker_index(state.worker) % len(requests)
     started = time.monotonic()
     for req in requests[offset:] + requests[:offset]:
         state.store.build_if_free(req)

@@ -72,8 +72,8 @@ PLUGIN_VARIANTS: tuple[str, ...] = ("flock", "lease")
 # What each variant's child imports; checked once per interpreter before any run, so a missing
 # package skips the variant with a message instead of failing every run.
 REQUIRED_IMPORTS: dict[str, str] = {
-    "flock": "pytest_prewarm.store",
-    "lease": "pytest_prewarm.store",
+    "flock": "pytest_prewarm.request",
+    "lease": "pytest_prewarm.request",
     "recipe": "filelock",
     "sss": "pytest_shared_session_scope.store",
 }
@@ -127,7 +127,7 @@ def _child(variant: str, workdir: Path, role: str, index: int) -> None:
 
     done: dict[str, Any] = {"pid": os.getpid(), "role": role}
     if variant in PLUGIN_VARIANTS:
-        from pytest_prewarm.store import Request, TemplateStore
+        from pytest_prewarm.request import Request, TemplateStore
 
         store = TemplateStore(
             workdir / "lockdir",

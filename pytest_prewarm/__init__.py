@@ -1,18 +1,38 @@
-"""pytest-prewarm: build expensive test templates once per run, across xdist workers."""
+"""pytest-prewarm: build expensive test templates once per run, across xdist workers.
+
+Names are loaded on first use (PEP 562): importing any module of the package loads this
+file first, and a core module such as ``pytest_prewarm.liveness`` must not drag in the
+request machinery (or pytest) with it.
+"""
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .exceptions import (
-    PrewarmBuildError,
-    PrewarmError,
-    PrewarmLockError,
-    PrewarmTimeout,
-    PrewarmUsageError,
-    PrewarmWarning,
-)
-from .registry import template
-from .store import Template
+
+if TYPE_CHECKING:
+    from .exceptions import (
+        PrewarmBuildError,
+        PrewarmError,
+        PrewarmLockError,
+        PrewarmTimeout,
+        PrewarmUsageError,
+    )
+    from .registry import template
+    from .request import Template, TemplateFactory
+
+_WHERE = {
+    "PrewarmBuildError": ".exceptions",
+    "PrewarmError": ".exceptions",
+    "PrewarmLockError": ".exceptions",
+    "PrewarmTimeout": ".exceptions",
+    "PrewarmUsageError": ".exceptions",
+    "Template": ".request",
+    "TemplateFactory": ".request",
+    "template": ".registry",
+}
 
 __all__ = [
     "PrewarmBuildError",
@@ -20,8 +40,21 @@ __all__ = [
     "PrewarmLockError",
     "PrewarmTimeout",
     "PrewarmUsageError",
-    "PrewarmWarning",
     "Template",
+    "TemplateFactory",
     "__version__",
     "template",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from .kinds import LockMode
+
 DEFAULT_TIMEOUT = 1800.0  # container image builds take minutes; a hang still ends
 DEFAULT_NOTICE_AFTER = 10.0
 DEFAULT_REPORT = 10
@@ -155,7 +157,7 @@ def _count(config: pytest.Config, suffix: str, default: int) -> int:
     return value
 
 
-LOCK_MODES = ("auto", "flock", "lease")
+LOCK_MODES = tuple(mode.value for mode in LockMode)
 
 
 def heartbeat_for(stale_after: float) -> float:
@@ -169,14 +171,14 @@ MIN_HEARTBEATS = 3  # a stale window shorter than this many heartbeats misjudges
 def _lock_mode(config: pytest.Config) -> Setting:
     raw = _raw(config, "lock-mode")
     if raw is None:
-        return Setting("auto", "default")
+        return Setting(LockMode.AUTO, "default")
     value = str(raw.value).strip().lower()
     if value not in LOCK_MODES:
         raise pytest.UsageError(
             f"prewarm: lock mode {raw.value!r} from {raw.source} is not one of "
             f"{', '.join(LOCK_MODES)}; for example --prewarm-lock-mode=auto"
         )
-    return Setting(value, raw.source)
+    return Setting(LockMode(value), raw.source)
 
 
 def _stale_after(config: pytest.Config, timeout: Setting) -> Setting:
@@ -262,12 +264,12 @@ class Settings:
             stale_after=_stale_after(config, timeout),
         )
 
-    def as_dict(self, *, lock_dir: Path, lock_mode: str) -> dict[str, Any]:
+    def as_dict(self, *, lock_dir: Path, lock_mode: LockMode) -> dict[str, Any]:
         """Effective settings for the JSON report."""
         return {
             "lock_dir": str(lock_dir),
             "lock_dir_source": self.lock_dir.source,
-            "lock_mode": lock_mode,
+            "lock_mode": str(lock_mode),
             "lock_mode_source": self.lock_mode.source,
             "timeout": self.timeout.value,
             "rebuild": self.rebuild,
@@ -275,13 +277,3 @@ class Settings:
             "eager": self.eager,
             "stale_after": self.stale_after.value,
         }
-
-
-def timeout_hint(seconds: float, source: str) -> str:
-    """What to try after a timeout; ``source`` says where the timeout came from."""
-    return (
-        f"The timeout is {seconds:g} s (from {source}). If the holder is working, raise "
-        "it (--prewarm-timeout / prewarm_timeout, or timeout= in the call); if it is "
-        "stuck, look at that process (py-spy dump --pid PID) or stop it: a killed "
-        "holder's lock is taken over at once."
-    )

@@ -1,40 +1,118 @@
-"""Plain records of what happened to each template in one process; no pytest import.
+"""What happened to each template in each process of a run: collected, persisted, merged.
 
-They travel from workers to the controller as dicts (xdist's workeroutput carries only
-builtin types) and are also appended to a per-worker file in the lock dir, so a worker
-that crashes still reports what it did.
+Events travel from workers to the controller as dicts (xdist's workeroutput carries only
+builtin types) and are also appended to a per-process file in the lock dir, so that a
+worker that crashes still reports what it did. No pytest import: the plugin only hands
+the log what xdist delivers.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from typing import Any
 
-# Outcomes of one request for a template, from the requesting process's point of view.
-BUILT = "built"  # this process ran the builder and published the template
-WAITED = "waited"  # another process of this run built it; we waited and reused it
-REUSED = "reused"  # it was already published (by an earlier run, or earlier in this one)
-FAILED = "failed"  # the build failed, here or in another process of this run
-TIMEOUT = "timeout"  # we gave up waiting for the lock
+from .files import append_text, decode_json_object, read_bounded
+from .kinds import Outcome
+from .layout import Layout
+
+# A process's event file holds a few hundred bytes per template it asked for.
+MAX_EVENTS_FILE = 16 * 1024 * 1024
 
 
 @dataclass
 class TemplateEvent:
+    """One request's outcome in one process; ``recovered_from`` names a dead predecessor."""
+
     template: str
     worker: str
-    outcome: str
+    outcome: str  # an Outcome value
     wait_seconds: float = 0.0
     build_seconds: float | None = None
     built_by: str | None = None
     error: str | None = None
     recovered_from: str | None = None  # "gw2, pid 4100: dead, zombie"
     pid: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Builtin types only: execnet carries nothing else between processes."""
+        data = asdict(self)
+        data["outcome"] = str(self.outcome)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TemplateEvent:
         known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
         return cls(**known)
+
+
+def parse_lines(text: str) -> list[TemplateEvent]:
+    """Events of a JSONL file; a line torn by a kill mid-write (or garbage) is skipped."""
+    events = []
+    for line in text.splitlines():
+        data = decode_json_object(line)
+        if data is None:
+            continue
+        try:
+            events.append(TemplateEvent.from_dict(data))
+        except TypeError:
+            continue  # a line missing required fields
+    return events
+
+
+class EventLog:
+    """The events of one process, and on the controller, those of the whole run."""
+
+    def __init__(self, layout: Layout, run_id: str, worker: str) -> None:
+        self.layout = layout
+        self.run_id = run_id
+        self.worker = worker
+        self.events: list[TemplateEvent] = []  # this process's, in order
+        self._unflushed: list[TemplateEvent] = []
+        self._flush_lock = threading.Lock()  # the eager thread and the main thread flush
+        self._reported: list[TemplateEvent] = []
+        self._reported_workers: set[str] = set()
+
+    def record(self, event: TemplateEvent) -> None:
+        # A waiter's event is kept in memory until its test ends: writing it here would
+        # lengthen every wake-up. A build's event is written at once (after the lock is
+        # released), so that a builder killed in the same test still leaves it behind.
+        self.events.append(event)
+        self._unflushed.append(event)
+        if event.outcome in (Outcome.BUILT, Outcome.FAILED):
+            self.flush()
+
+    def flush(self) -> None:
+        """Append unflushed events to this process's file in the lock dir."""
+        with self._flush_lock:
+            if not self._unflushed:
+                return
+            events, self._unflushed = self._unflushed, []
+            directory = self.layout.events_dir(self.run_id)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            lines = "".join(json.dumps(e.to_dict()) + "\n" for e in events)
+            append_text(self.layout.events_file(self.run_id, self.worker, os.getpid()), lines)
+
+    def add_reported(self, worker: str, dicts: Iterable[dict[str, Any]]) -> None:
+        """A worker that ended normally sent these; its file on disk is then redundant."""
+        self._reported_workers.add(worker)
+        self._reported.extend(TemplateEvent.from_dict(d) for d in dicts)
+
+    def merged(self) -> list[TemplateEvent]:
+        """Own events, workers' reported events, and crashed workers' events from disk."""
+        events = list(self.events) + self._reported
+        try:
+            files = sorted(self.layout.events_dir(self.run_id).glob("*.jsonl"))
+        except OSError:
+            files = []
+        for path in files:
+            raw = read_bounded(path, MAX_EVENTS_FILE)
+            if raw is None:
+                continue
+            for event in parse_lines(raw.decode("utf-8", "replace")):
+                if event.worker != self.worker and event.worker not in self._reported_workers:
+                    events.append(event)
+        return events

@@ -1,8 +1,10 @@
-"""Error and warning types; each pickles, because errors cross xdist process boundaries."""
+"""Error types and the one message of each error kind; each pickles across xdist processes.
+
+No pytest import: the core raises these, and only the pytest edge turns configuration
+errors into ``pytest.UsageError``.
+"""
 
 from __future__ import annotations
-
-import pytest
 
 
 class PrewarmError(Exception):
@@ -34,10 +36,15 @@ class PrewarmBuildError(PrewarmError):
         self.pid = pid
         super().__init__(self._text())
 
+    @property
+    def cause(self) -> str:
+        """``Type: message`` of the builder's exception, as reports show it."""
+        return f"{self.exc_type}: {self.exc_message}"
+
     def _text(self) -> str:
         return (
             f"building template {self.template!r} failed in {self.worker} (pid {self.pid}): "
-            f"{self.exc_type}: {self.exc_message}\n"
+            f"{self.cause}\n"
             "The build is attempted once per run; fix the builder and run again.\n"
             f"Builder traceback:\n{self.traceback_text}"
         )
@@ -56,6 +63,16 @@ class PrewarmBuildError(PrewarmError):
         )
 
 
+def timeout_hint(seconds: float, source: str) -> str:
+    """What to try after a timeout; ``source`` says where the timeout came from."""
+    return (
+        f"The timeout is {seconds:g} s (from {source}). If the holder is working, raise "
+        "it (--prewarm-timeout / prewarm_timeout, or timeout= in the call); if it is "
+        "stuck, look at that process (py-spy dump --pid PID) or stop it: a killed "
+        "holder's lock is taken over at once."
+    )
+
+
 class PrewarmTimeout(PrewarmError):
     """Waiting for a template's lock took longer than the configured timeout."""
 
@@ -64,6 +81,19 @@ class PrewarmTimeout(PrewarmError):
         self.lock_path = lock_path
         self.waited = waited
         super().__init__(message)
+
+    @classmethod
+    def waiting_for(
+        cls, template: str, lock_path: str, waited: float, whom: str, hint: str
+    ) -> PrewarmTimeout:
+        """The one timeout message: what was waited on, for how long, who held it, what next."""
+        return cls(
+            f"timed out after {waited:.1f} s waiting for template {template!r} "
+            f"(lock {lock_path}); {whom}. {hint}",
+            template,
+            lock_path,
+            waited,
+        )
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.args[0], self.template, self.lock_path, self.waited))
@@ -76,6 +106,14 @@ class PrewarmUsageError(PrewarmError, ValueError):
 class PrewarmLockError(PrewarmError):
     """The lock directory cannot provide mutual exclusion (for example flock is missing)."""
 
+    @classmethod
+    def lease_lost(cls, template: str, why: str, what: str) -> PrewarmLockError:
+        """The one message for a holder whose lease was taken over while it built."""
+        return cls(
+            f"template {template!r}: lost the lease while building ({why}); the build was "
+            f"{what}. Raise --prewarm-stale-after if builds stall for longer than it."
+        )
 
-class PrewarmWarning(pytest.PytestWarning):
-    """Base class of warnings issued by pytest-prewarm."""
+
+class LockDirError(PrewarmError):
+    """The lock dir is unusable; the message says why and what to do."""

@@ -23,14 +23,15 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import clock
+from .exceptions import PrewarmLockError
+from .files import write_temp
 from .liveness import Liveness, Verdict, classify, prepare_classify
-from .lock import Acquired, Holder
+from .locking import Acquired, Holder
 from .owner import OwnerRecord, read_record
 
 _CLAIM = re.compile(r"claim\.(\d{1,18})")
@@ -47,6 +48,8 @@ class _Seen:
 
 
 class LeaseLock:
+    """A template's lease: the ``Lock`` protocol (locking.py) without flock."""
+
     def __init__(
         self,
         lease_dir: Path,
@@ -66,6 +69,7 @@ class LeaseLock:
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
         self._lost: str | None = None
+        self._warmed = False
         lease_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     # -- reading the state -------------------------------------------------------------------
@@ -129,10 +133,8 @@ class LeaseLock:
             if not ok:
                 return None
         target = (top or 0) + 1
-        fd, tmp = tempfile.mkstemp(prefix=".claim.", suffix=".tmp", dir=self.lease_dir)
+        tmp = write_temp(self.lease_dir, "claim", record.to_json())
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(record.to_json())
             try:
                 os.link(tmp, self._claim(target))
             except FileExistsError:
@@ -164,6 +166,17 @@ class LeaseLock:
             except OSError:
                 continue  # a transient NFS error: try again next beat
 
+    def confirm_held(self, what: str) -> None:
+        """Raise PrewarmLockError if a successor took the lease over while we built.
+
+        We were judged stale (our heartbeat stood still for the stale window) and someone
+        else took over. Our build may be fine, but publishing now could clobber theirs;
+        theirs wins.
+        """
+        lost = self.lost()
+        if lost is not None:
+            raise PrewarmLockError.lease_lost(self.template, lost, what)
+
     def lost(self) -> str | None:
         """Why we no longer hold the lease, or ``None`` while we still do."""
         if self._gen is None:
@@ -176,7 +189,9 @@ class LeaseLock:
     def held_by(self) -> OwnerRecord | None:
         return self._record
 
-    def release(self, *, published: bool = False) -> None:
+    def release(self, *, finished: bool = False) -> None:
+        # A lease's release marker is how the next holder learns of the release at all,
+        # so it is written whether or not the hold finished its work.
         gen = self._gen
         if gen is None:
             return
@@ -203,6 +218,9 @@ class LeaseLock:
     # -- waiting -----------------------------------------------------------------------------
 
     def wait_for_change(self, until: float) -> None:
+        if not self._warmed:
+            prepare_classify()  # waiting is the time to pay for what a takeover needs
+            self._warmed = True
         # No kernel object to block on across NFS clients: poll, briefly.
         delay = min(POLL_INTERVAL, until - clock.monotonic())
         if delay > 0:
@@ -210,6 +228,3 @@ class LeaseLock:
 
     def stop_waiting(self) -> None:
         self._seen = None
-
-    def prepare(self) -> None:
-        prepare_classify()

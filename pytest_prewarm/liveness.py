@@ -10,12 +10,17 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from enum import Enum
 from functools import cache
+from typing import TYPE_CHECKING
 
-from . import clock
+from . import clock, portable
 from .owner import MAX_PID, OwnerRecord
+
+if TYPE_CHECKING:
+    import psutil
 
 
 class Liveness(Enum):
@@ -74,11 +79,24 @@ def _proc_is_ours() -> bool:
         return False
 
 
+# Linux has pid namespaces and /proc start ticks; macOS and Windows have one pid space per
+# host and identify a process by psutil's create_time instead.
+LINUX = sys.platform.startswith("linux")
+
+
+def _by_ticks() -> bool:
+    """Whether processes are identified by /proc start ticks (else by create_time)."""
+    return LINUX and not portable.forced()
+
+
 def pid_namespace() -> int | None:
     """Inode of this process's pid namespace, which tells containers on one host apart.
 
-    ``None`` (so every judgement is "unknown") when /proc belongs to another namespace.
+    ``None`` (so every judgement is "unknown") when /proc belongs to another namespace;
+    0 where the platform has no pid namespaces (one pid space per host).
     """
+    if not LINUX:
+        return 0
     if not _proc_is_ours():
         return None
     try:
@@ -142,11 +160,17 @@ def _own_create_time(pid: int) -> float | None:
 
 
 def own_identity() -> tuple[int, int | None, float | None]:
-    """(pid, start ticks, create time) of the calling process."""
+    """(pid, start ticks, create time) of the calling process.
+
+    Start ticks exist only where /proc does (Linux, unless the portable path is forced);
+    elsewhere create_time is the start token.
+    """
     pid = os.getpid()
+    if not LINUX:
+        return pid, None, _own_create_time(pid)
     if not _proc_is_ours():
         return pid, None, None
-    return pid, start_ticks(pid), _own_create_time(pid)
+    return pid, (start_ticks(pid) if _by_ticks() else None), _own_create_time(pid)
 
 
 def own_record(worker: str, run_id: str) -> OwnerRecord:
@@ -164,6 +188,25 @@ def own_record(worker: str, run_id: str) -> OwnerRecord:
         run_id=run_id,
         started_at=0.0,
     )
+
+
+class Identity:
+    """This process as a lock holder: its owner record, read once per process.
+
+    Who we are does not change within a process (a forked child has another pid and reads
+    its own), so a takeover's attempts do not re-read /proc each time.
+    """
+
+    def __init__(self, worker: str, run_id: str) -> None:
+        self.worker = worker
+        self.run_id = run_id
+        self._base: OwnerRecord | None = None
+
+    def record(self, template: str) -> OwnerRecord:
+        """A fresh owner record naming this process as holder of ``template``, from now."""
+        if self._base is None or self._base.pid != os.getpid():
+            self._base = own_record(self.worker, self.run_id)
+        return replace(self._base, started_at=clock.wall(), template=template)
 
 
 def _foreign(record: OwnerRecord, here: HostIdentity) -> str | None:
@@ -204,7 +247,10 @@ def classify(record: OwnerRecord | None, here: HostIdentity | None = None) -> Ve
     why = _foreign(record, here)
     if why is not None:
         return Verdict(Liveness.UNKNOWN, why)
-    if record.start_ticks is None or record.start_ticks < 0:
+    by_ticks = _by_ticks()
+    if by_ticks and (record.start_ticks is None or record.start_ticks < 0):
+        return Verdict(Liveness.UNKNOWN, "start time unrecorded")
+    if not by_ticks and record.create_time is None:
         return Verdict(Liveness.UNKNOWN, "start time unrecorded")
     if not 0 < record.pid <= MAX_PID:
         return Verdict(Liveness.UNKNOWN, f"pid {record.pid} is out of range")
@@ -214,6 +260,9 @@ def classify(record: OwnerRecord | None, here: HostIdentity | None = None) -> Ve
         proc = psutil.Process(record.pid)
         status = proc.status()
     except psutil.NoSuchProcess:
+        if not LINUX:
+            # No hidepid outside Linux, and os.kill(pid, 0) on Windows sends CTRL_C_EVENT.
+            return Verdict(Liveness.DEAD, "no such process")  # pragma: no cover
         # psutil reads /proc; with hidepid=2 another user's live process is invisible there.
         # Only ESRCH from kill() proves it is gone.
         exists = _exists_by_signal(record.pid)
@@ -226,15 +275,42 @@ def classify(record: OwnerRecord | None, here: HostIdentity | None = None) -> Ve
         return Verdict(Liveness.ALIVE, "exists (access denied)")
     if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
         return Verdict(Liveness.DEAD, status)  # an unreaped corpse holds no lock
-    ticks = start_ticks(record.pid)
-    if ticks is None:
+    started = _start_matches(proc, record) if by_ticks else _created_matches(proc, record)
+    if started is None:
         # Without a start time a reused pid cannot be told from the holder.
         return Verdict(Liveness.UNKNOWN, "start time unreadable")
-    if ticks != record.start_ticks:
+    if not started:
         return Verdict(Liveness.DEAD, "pid reused by a newer process")
-    if is_exiting(record.pid):
+    if by_ticks and is_exiting(record.pid):
         return Verdict(Liveness.DEAD, "exiting")
     return Verdict(Liveness.ALIVE, "running")
+
+
+def _start_matches(proc: psutil.Process, record: OwnerRecord) -> bool | None:
+    ticks = start_ticks(proc.pid)
+    return None if ticks is None else ticks == record.start_ticks
+
+
+# psutil derives create_time from the boot time and the start ticks on Linux and from the
+# kernel's start timestamp elsewhere: the same process reads the same value to well under
+# this, while a reused pid belongs to a process started later.
+CREATE_TIME_TOLERANCE = 0.01
+
+
+def _created_matches(proc: psutil.Process, record: OwnerRecord) -> bool | None:
+    """Start-time check where /proc has no start ticks (macOS, Windows): psutil's create_time.
+
+    It moves when the wall clock is stepped, so a holder started before a clock step reads
+    as a reused pid there; the docs say so (how-it-works.md, platforms).
+    """
+    import psutil
+
+    try:
+        created = proc.create_time()
+    except psutil.Error:
+        return None
+    assert record.create_time is not None
+    return abs(created - record.create_time) <= CREATE_TIME_TOLERANCE
 
 
 def prepare_classify() -> None:

@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from .exceptions import LockDirError
+from .files import write_atomic
+from .kinds import LockMode
+from .layout import Layout
 from .liveness import Liveness, classify, own_record
-from .owner import read_record, write_atomic
+from .owner import read_record
 
 # Per-run default dirs live directly in the system temp dir, not under pytest-of-USER:
 # pytest's numbered-dir cleanup deletes unknown "pytest-*" folders there, which would wipe
 # a lock dir under a running suite.
 RUN_DIR_PREFIX = "pytest-prewarm-run-"
-RUN_RECORD = ".run-owner.json"
-
-
-class LockDirError(Exception):
-    """The lock dir is unusable; the message says why and what to do."""
 
 
 def prepare(path: Path, source: str) -> Path:
@@ -84,38 +82,32 @@ def filesystem_type(path: Path) -> str | None:
     return best_type
 
 
-def choose_lock_mode(path: Path, requested: str) -> tuple[str, str]:
+def choose_lock_mode(path: Path, requested: LockMode | str) -> tuple[LockMode, str]:
     """(mode, why) for the lock dir; ``requested`` is auto, flock or lease."""
-    if requested != "auto":
+    requested = LockMode(requested)
+    if requested is not LockMode.AUTO:
         return requested, "requested"
     fstype = filesystem_type(path)
     if fstype is not None and (fstype in _SHARED_FS or fstype.startswith("fuse.")):
-        return "lease", f"auto: {fstype} filesystem, where flock cannot be trusted"
-    probe = path / ".prewarm-flock-probe"
+        return LockMode.LEASE, f"auto: {fstype} filesystem, where flock cannot be trusted"
+    from . import flock  # the probe is flock's own business
+
     try:
-        fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o600)
+        refused = flock.probe(path)
     except OSError as exc:
-        return "lease", f"auto: cannot open a probe file ({exc.strerror})"
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    except OSError as exc:
-        return "lease", f"auto: flock refused ({exc.strerror})"
-    finally:
-        os.close(fd)
-    return "flock", f"auto: {fstype or 'local'} filesystem supports flock"
+        return LockMode.LEASE, f"auto: cannot create a probe file ({exc.strerror})"
+    if refused is not None:
+        return LockMode.LEASE, f"auto: {refused}"
+    return LockMode.FLOCK, f"auto: {fstype or 'local'} filesystem supports flock"
 
 
-MODE_FILE = "lock-mode"
-
-
-def pin_mode(path: Path, mode: str, why: str) -> None:
+def pin_mode(path: Path, mode: LockMode, why: str) -> None:
     """Record the lock dir's mode; refuse a run that would use the other one.
 
     A flock run and a lease run lock different files, so sharing one lock dir between
     them would exclude nothing. The first run to use the dir decides.
     """
-    marker = path / MODE_FILE
+    marker = Layout(path).mode_file
     try:
         fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -138,7 +130,7 @@ def create_run_dir(run_id: str, worker: str) -> Path:
     """A fresh lock dir for one test run, recorded with its creator so orphans can be swept."""
     sweep_orphans()
     path = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))  # mkdtemp makes it 0o700
-    write_atomic(path / RUN_RECORD, own_record(worker, run_id).to_json())
+    write_atomic(Layout(path).run_record, own_record(worker, run_id).to_json())
     return path
 
 
@@ -159,7 +151,7 @@ def sweep_orphans(temp_root: Path | None = None) -> list[Path]:
         for entry in root.iterdir():
             if not entry.name.startswith(RUN_DIR_PREFIX) or entry.is_symlink():
                 continue
-            record = read_record(entry / RUN_RECORD)
+            record = read_record(Layout(entry).run_record)
             if record is not None and classify(record).state is Liveness.DEAD:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)

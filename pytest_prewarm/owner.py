@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import stat
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-# A record is a few hundred bytes; anything much larger is not ours and is not read whole.
-MAX_RECORD_BYTES = 64 * 1024
+from .files import decode_json_object, read_bounded
+from .kinds import RecordState
+
 # Linux's PID_MAX_LIMIT (2**22); a larger pid cannot be a real process on any host we know.
 MAX_PID = 4_194_304
 
@@ -37,14 +34,20 @@ class OwnerRecord:
     worker: str
     run_id: str
     started_at: float
-    state: str = "held"  # "held" while the lock is held, "released" after a clean release
+    # A RecordState value, kept as the string read so that a record round-trips unchanged.
+    state: str = RecordState.HELD.value
     template: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
+    @property
+    def is_held(self) -> bool:
+        """Whether the record says its holder still holds (it never released cleanly)."""
+        return self.state == RecordState.HELD
+
     def released(self) -> OwnerRecord:
-        return replace(self, state="released")
+        return replace(self, state=RecordState.RELEASED.value)
 
     def describe(self, *, local_hostname: str | None = None) -> str:
         """Human wording, e.g. ``gw3, pid 4242 on this host``."""
@@ -74,12 +77,12 @@ def _opt_str(data: dict[str, Any], name: str) -> str | None:
     return value
 
 
-def parse_record(text: str) -> OwnerRecord | None:
+def parse_record(text: str | bytes | None) -> OwnerRecord | None:
     """Parse a record; anything malformed gives ``None`` (an unknown owner), never an error."""
+    data = decode_json_object(text)
+    if data is None:
+        return None
     try:
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            return None
         pid = data.get("pid")
         if type(pid) is not int or not 0 < pid <= MAX_PID:
             return None
@@ -89,7 +92,7 @@ def parse_record(text: str) -> OwnerRecord | None:
         started_at = data.get("started_at", 0.0)
         if type(started_at) not in (int, float):
             return None
-        state = _opt_str(data, "state") or "held"
+        state = _opt_str(data, "state") or RecordState.HELD.value
         return OwnerRecord(
             pid=pid,
             hostname=_opt_str(data, "hostname"),
@@ -103,44 +106,10 @@ def parse_record(text: str) -> OwnerRecord | None:
             state=state,
             template=_opt_str(data, "template") or "",
         )
-    except (ValueError, TypeError, RecursionError):
+    except (ValueError, TypeError):
         return None
 
 
 def read_record(path: Path) -> OwnerRecord | None:
-    """Read a record without following symlinks and without reading more than a bound.
-
-    A symlink, a directory, a FIFO or an oversized file is not a record: it reads as
-    ``None``. O_NOFOLLOW and the fstat check keep a planted link from making us read
-    (or block on) anything outside the lock dir.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_RECORD_BYTES:
-            return None
-        raw = os.read(fd, MAX_RECORD_BYTES + 1)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    try:
-        return parse_record(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        return None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` by rename, so a reader sees the old or the new file whole."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """The owner record at ``path``; a symlink, FIFO, directory or huge file reads as None."""
+    return parse_record(read_bounded(path))

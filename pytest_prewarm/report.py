@@ -6,7 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .events import BUILT, FAILED, REUSED, TIMEOUT, WAITED, TemplateEvent
+from .events import TemplateEvent
+from .kinds import Outcome
 
 JSON_SCHEMA_VERSION = 1
 HIDE_WAITS_UNDER = 0.05  # seconds; shorter waits are noise and hidden unless -vv
@@ -35,7 +36,7 @@ class TemplateSummary:
             return "built"
         if self.failures:
             return "failed"
-        if any(e.outcome == TIMEOUT for e in self.waits):
+        if any(e.outcome == Outcome.TIMEOUT for e in self.waits):
             return "timeout"
         if self.reused or self.waits:
             return "reused"
@@ -61,13 +62,13 @@ def summarize(events: Iterable[TemplateEvent]) -> list[TemplateSummary]:
     by_name: dict[str, TemplateSummary] = {}
     for event in events:
         summary = by_name.setdefault(event.template, TemplateSummary(event.template))
-        if event.outcome == BUILT:
+        if event.outcome == Outcome.BUILT:
             summary.builds.append(event)
-        elif event.outcome == FAILED and event.build_seconds is not None:
+        elif event.outcome == Outcome.FAILED and event.build_seconds is not None:
             summary.failures.append(event)
-        elif event.outcome == REUSED and event.wait_seconds == 0.0:
+        elif event.outcome == Outcome.REUSED and event.wait_seconds == 0.0:
             summary.reused.append(event)
-        elif event.outcome in (WAITED, FAILED, TIMEOUT, REUSED):
+        elif event.outcome in (Outcome.WAITED, Outcome.FAILED, Outcome.TIMEOUT, Outcome.REUSED):
             summary.waits.append(event)
         if event.recovered_from:
             summary.recoveries.append(
@@ -117,7 +118,7 @@ def format_summary(events: list[TemplateEvent], *, top: int = 10, verbosity: int
         lines.append("longest lock waits:")
         wwidth = max((len(e.worker) for e in shown), default=0)
         for event in shown:
-            note = "" if event.outcome == WAITED else f" ({event.outcome})"
+            note = "" if event.outcome == Outcome.WAITED else f" ({event.outcome})"
             lines.append(
                 f"{event.wait_seconds:8.2f}s  {event.worker:<{wwidth}}  {event.template}{note}"
             )

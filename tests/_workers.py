@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_prewarm.exceptions import PrewarmError
-from pytest_prewarm.store import Request, TemplateStore
+from pytest_prewarm.request import Request, TemplateStore
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> None:

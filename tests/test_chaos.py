@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from _workers import SCRIPT, overlaps, read_log, verify
 
-from pytest_prewarm.store import DATA_DIR
+from pytest_prewarm.layout import DATA_DIR
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="pidfd and liveness proofs need Linux"

@@ -145,7 +145,7 @@ HOLDER = """
     import time
     from pathlib import Path
 
-    from pytest_prewarm.store import Request, TemplateStore
+    from pytest_prewarm.request import Request, TemplateStore
 
     lock_dir, flags = Path(sys.argv[1]), Path(sys.argv[2])
 

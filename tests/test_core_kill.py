@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_prewarm.store import Request, TemplateStore
+from pytest_prewarm.request import Request, TemplateStore
 
 FILES = 40
 KILL_AFTER = 15  # the first attempt dies after writing this many files (+1)
@@ -91,7 +91,7 @@ STORE_SCRIPT = f"""
     from pathlib import Path
 
     import prewarm_probe as probe
-    from pytest_prewarm.store import Request, TemplateStore
+    from pytest_prewarm.request import Request, TemplateStore
 
     lock_dir, flags, worker = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 
@@ -171,7 +171,7 @@ BIG_HOLDER = """
     import time
     from pathlib import Path
 
-    from pytest_prewarm.store import Request, TemplateStore
+    from pytest_prewarm.request import Request, TemplateStore
 
     ballast = bytearray(200 * 1024 * 1024)
     for i in range(0, len(ballast), 4096):

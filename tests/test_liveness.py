@@ -51,7 +51,8 @@ import dataclasses, json, os, signal, socket, subprocess, sys, time
 from pathlib import Path
 import psutil
 from pytest_prewarm import liveness
-from pytest_prewarm.owner import OwnerRecord, parse_record, write_atomic
+from pytest_prewarm.files import write_atomic
+from pytest_prewarm.owner import OwnerRecord, parse_record
 
 def record_for(pid, ticks, here, create_time=None):
     return OwnerRecord(pid=pid, hostname=here.hostname, boot_id=here.boot_id,

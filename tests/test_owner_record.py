@@ -24,15 +24,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_prewarm import liveness, owner
+from pytest_prewarm import files, liveness
+from pytest_prewarm.files import MAX_RECORD_BYTES, write_atomic
 from pytest_prewarm.liveness import HostIdentity, Liveness
 from pytest_prewarm.owner import (
     MAX_PID,
-    MAX_RECORD_BYTES,
     OwnerRecord,
     parse_record,
     read_record,
-    write_atomic,
 )
 
 # Without /proc there is no boot id, so no record is ever provably dead: the controls that
@@ -497,7 +496,7 @@ def test_huge_file_is_not_read(
         requested.append(n)
         return real_read(fd, n)
 
-    monkeypatch.setattr(owner.os, "read", spy)
+    monkeypatch.setattr(files.os, "read", spy)
     started = time.monotonic()
     assert read_record(path) is None
     assert time.monotonic() - started < 5

@@ -8,7 +8,16 @@ import re
 import pytest
 
 from pytest_prewarm import report
-from pytest_prewarm.events import BUILT, FAILED, REUSED, TIMEOUT, WAITED, TemplateEvent
+from pytest_prewarm.events import TemplateEvent
+from pytest_prewarm.kinds import Outcome
+
+BUILT, FAILED, REUSED, TIMEOUT, WAITED = (
+    Outcome.BUILT,
+    Outcome.FAILED,
+    Outcome.REUSED,
+    Outcome.TIMEOUT,
+    Outcome.WAITED,
+)
 
 
 def built(name: str, worker: str, seconds: float, **kw: object) -> TemplateEvent:

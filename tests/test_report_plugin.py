@@ -445,7 +445,6 @@ EVENT_SCHEMA = {
         "error",
         "recovered_from",
         "pid",
-        "extra",
     ],
     "properties": {
         "template": {"type": "string"},
@@ -457,7 +456,6 @@ EVENT_SCHEMA = {
         "error": {"type": ["string", "null"]},
         "recovered_from": {"type": ["string", "null"]},
         "pid": {"type": "integer"},
-        "extra": {"type": "object"},
     },
 }
 REPORT_SCHEMA = {

@@ -12,7 +12,7 @@ import pytest
 
 from pytest_prewarm import PrewarmBuildError, PrewarmTimeout, PrewarmUsageError, Template
 from pytest_prewarm.names import canonical_key, file_stem, key_digest
-from pytest_prewarm.store import Request, TemplateStore
+from pytest_prewarm.request import Request, TemplateStore
 
 
 class Builder:

@@ -1,0 +1,303 @@
+"""flock mode: a template's lock is a kernel lock on a permanent file, plus an owner record.
+
+Mutual exclusion comes from the platform's kernel file lock, taken through filelock with
+the soft fallback disabled (``flock`` on Unix, ``msvcrt.locking`` on Windows): a lock that
+silently stops excluding is worse than an error. The kernel drops it the moment its
+holder dies, SIGKILL included, zombie or not.
+
+Waking waiters fast without burning CPU: where ``fcntl`` exists, a waiter parks a daemon
+thread in a *blocking* ``flock(LOCK_SH)`` on the same lock file. The kernel grants it the
+moment the holder releases or dies, so waiters wake within a millisecond instead of a poll
+interval, and use no CPU while a long build runs. The main thread only waits on an Event
+with a timeout, so every wait stays bounded without signals (SIGALRM would collide with
+pytest-timeout). Without ``fcntl`` (Windows, or forced with PYTEST_PREWARM_PORTABLE=1)
+waiters poll every ``POLL_INTERVAL`` instead, since msvcrt has no shared mode to block on.
+
+The lock file itself is permanent and never written: deleting it would let two processes
+lock two different inodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from . import clock, portable
+from .exceptions import PrewarmLockError
+from .files import O_NOFOLLOW, write_atomic, write_temp
+from .layout import Layout
+from .liveness import Liveness, Verdict, classify, local_host, prepare_classify
+from .locking import Acquired, Holder
+from .owner import OwnerRecord, read_record
+from .records import Meta, hold_id
+
+if TYPE_CHECKING:
+    from filelock import BaseFileLock
+
+# Seconds between a polling waiter's attempts where no blocking shared lock exists.
+POLL_INTERVAL = 0.005
+
+
+def kernel_lock_class() -> type[BaseFileLock] | None:
+    """filelock's kernel lock for this platform, or None where it only has a soft lock."""
+    import filelock
+
+    if sys.platform == "win32":  # pragma: no cover - not run on Linux CI
+        return filelock.WindowsFileLock
+    return filelock.UnixFileLock if filelock.has_fcntl else None
+
+
+def probe(directory: Path) -> str | None:
+    """Why a kernel lock cannot be taken in ``directory``, or None when it can.
+
+    The probe locks a file of its own (a fresh temporary name), so concurrent runs probing
+    the same fresh lock dir never meet each other: contention cannot pass for a missing
+    feature.
+    """
+    lock_class = kernel_lock_class()
+    if lock_class is None:
+        return "no kernel file lock on this platform (the fcntl module is missing)"
+    fd, name = tempfile.mkstemp(prefix=".prewarm-flock-probe-", dir=directory)
+    os.close(fd)
+    probe_lock = lock_class(name, thread_local=False, fallback_to_soft=False)
+    try:
+        probe_lock.acquire(timeout=0)
+        probe_lock.release(force=True)
+    except Exception as exc:  # filelock raises OSError, NotImplementedError or Timeout
+        return f"flock refused ({exc})"
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+    return None
+
+
+# Descriptors of parked release-watcher threads. A forked child inherits them without the
+# threads that would close them, so the child closes them at once.
+_watch_fds: set[int] = set()
+_watch_fds_lock = threading.Lock()
+
+
+def _close_watch_fds_in_child() -> None:
+    for fd in list(_watch_fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _watch_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_watch_fds_in_child)
+
+
+class _ReleaseWatch:
+    """One-shot: fires when the exclusive holder of ``path`` releases (or dies)."""
+
+    def __init__(self, path: Path, fcntl: ModuleType) -> None:
+        # os.open makes descriptors non-inheritable (O_CLOEXEC) by default.
+        self._fd = os.open(path, os.O_RDONLY | O_NOFOLLOW)
+        self._fcntl = fcntl
+        with _watch_fds_lock:
+            _watch_fds.add(self._fd)
+        self.fired = threading.Event()
+        self.started = clock.monotonic()
+        thread = threading.Thread(target=self._run, name=f"prewarm-watch:{path.name}")
+        thread.daemon = True  # an abandoned watch must never keep the interpreter alive
+        thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._fcntl.flock(self._fd, self._fcntl.LOCK_SH)  # blocks, GIL released
+            self._fcntl.flock(self._fd, self._fcntl.LOCK_UN)  # we only wanted to know
+        except OSError:
+            pass  # fire anyway: the caller re-checks the state and retries
+        finally:
+            with _watch_fds_lock:
+                if self._fd in _watch_fds:
+                    _watch_fds.discard(self._fd)
+                    os.close(self._fd)
+            self.fired.set()
+
+
+class FlockLock:
+    """Exclusive kernel lock of one template plus the owner record beside it."""
+
+    def __init__(self, layout: Layout, tid: str, template: str) -> None:
+        self.layout = layout
+        self.lock_path = layout.lock_file(tid)
+        self.owner_path = layout.owner_file(tid)
+        # A holder that published releases without rewriting its record (a file
+        # replacement, 0.5 ms on ext4, kept off every waiter's wake-up); the template's
+        # meta names the hold instead, so the next holder reads it there.
+        self.finished_marker = layout.meta_file(tid)
+        self.template = template
+        self._held: BaseFileLock | None = None
+        self._record: OwnerRecord | None = None
+        self._watch: _ReleaseWatch | None = None
+        self._quick_fires = 0
+        self._warmed = False
+        self._lock_object: BaseFileLock | None = None
+
+    def holder(self) -> Holder:
+        record = read_record(self.owner_path)
+        return Holder(record, classify(record))
+
+    def _filelock(self) -> BaseFileLock:
+        # One object for all attempts: construction costs about 0.1 ms, paid on a takeover.
+        if self._lock_object is None:
+            lock_class = kernel_lock_class()
+            if lock_class is None:
+                raise PrewarmLockError(
+                    f"template {self.template!r}: flock mode needs a kernel file lock and "
+                    "this platform has none (the fcntl module is missing); use "
+                    "--prewarm-lock-mode lease (or auto, which picks it)"
+                )
+            self._lock_object = lock_class(
+                str(self.lock_path),
+                mode=0o600,
+                thread_local=False,
+                blocking=False,
+                fallback_to_soft=False,
+            )
+        return self._lock_object
+
+    def _warm_up(self) -> None:
+        """Called once a wait begins: pay now for what a takeover would otherwise pay.
+
+        filelock imports parts of itself on first use, and a failed attempt does not
+        load what a successful one needs; taking and dropping a private lock once loads
+        all of it (measured: 2.4 ms off the takeover).
+        """
+        prepare_classify()
+        lock_class = kernel_lock_class()
+        if lock_class is None:
+            return
+        warm = lock_class(
+            str(self.layout.warm_up_lock()),
+            mode=0o600,
+            thread_local=False,
+            fallback_to_soft=False,
+        )
+        with contextlib.suppress(Exception):
+            warm.acquire(timeout=0)
+            warm.release(force=True)
+
+    def _finished(self, record: OwnerRecord) -> bool:
+        meta = Meta.read(self.finished_marker)
+        return meta is not None and meta.holder == hold_id(record)
+
+    def try_acquire(self, record: OwnerRecord) -> Acquired | None:
+        """Take the lock without blocking; ``None`` if someone else holds it."""
+        lock = self._filelock()
+        # Written before we try the lock, so taking the lock and naming ourselves is one
+        # rename apart: no reader finds the lock held and the record missing or half-written.
+        tmp = write_temp(self.owner_path.parent, self.owner_path.name, record.to_json())
+        from filelock import Timeout as FileLockTimeout
+
+        try:
+            lock.acquire(blocking=False)
+        except FileLockTimeout:
+            os.unlink(tmp)
+            return None
+        except (OSError, NotImplementedError) as exc:
+            os.unlink(tmp)
+            raise PrewarmLockError(
+                f"cannot lock {self.lock_path} for template {self.template!r}: {exc}. "
+                "The lock dir's filesystem does not support flock; use "
+                "--prewarm-lock-mode lease, or put --prewarm-lock-dir on a local filesystem."
+            ) from exc
+        previous = read_record(self.owner_path)
+        if previous is not None and previous.is_held and self._finished(previous):
+            previous = previous.released()
+        verdict = None
+        if previous is not None and previous.is_held:
+            verdict = classify(previous) if _is_self(previous) else _settled_verdict(previous)
+            if verdict.state is Liveness.ALIVE and not _is_self(previous):
+                # The kernel gave us the lock while a live process says it still holds it:
+                # flock does not exclude on this filesystem (NFS caches, VirtioFS). Building
+                # now would race, so stop loudly, leaving the holder's record untouched.
+                os.unlink(tmp)
+                lock.release(force=True)
+                raise PrewarmLockError(
+                    f"flock on {self.lock_path} did not exclude: it was granted to pid "
+                    f"{record.pid} while {previous.describe(local_hostname=local_host().hostname)} "
+                    f"still holds it ({verdict}). "
+                    "The lock dir's filesystem does not provide working flock; use "
+                    "--prewarm-lock-mode lease, or put --prewarm-lock-dir on a local "
+                    "filesystem."
+                )
+        os.replace(tmp, self.owner_path)
+        self._held, self._record = lock, record
+        return Acquired(previous, verdict)
+
+    def held_by(self) -> OwnerRecord | None:
+        return self._record
+
+    def confirm_held(self, what: str) -> None:
+        """The kernel never takes a flock away from a live holder: nothing to check."""
+
+    def release(self, *, finished: bool = False) -> None:
+        lock, record = self._held, self._record
+        if lock is None or record is None:
+            return
+        try:
+            # Say "released" before unlocking, so the next holder can tell a clean release
+            # from a holder that died with the lock. A published template says it already.
+            if not finished:
+                write_atomic(self.owner_path, record.released().to_json())
+        finally:
+            self._held = self._record = None
+            lock.release(force=True)
+
+    def wait_for_change(self, until: float) -> None:
+        """Block until the holder may have released (or ``until``, a monotonic time)."""
+        if not self._warmed:
+            self._warm_up()  # waiting is the time to pay for what a takeover needs
+            self._warmed = True
+        fcntl = portable.fcntl_module()
+        if fcntl is None:
+            delay = min(POLL_INTERVAL, until - clock.monotonic())
+            if delay > 0:
+                threading.Event().wait(delay)
+            return
+        if self._watch is None:
+            self._watch = _ReleaseWatch(self.lock_path, fcntl)
+        if self._watch.fired.wait(max(0.0, until - clock.monotonic())):
+            # A watch granted at once means only other waiters' brief shared locks kept
+            # our exclusive attempt out; back off a little so one of us gets through.
+            quick = clock.monotonic() - self._watch.started < 0.002
+            self._watch = None
+            self._quick_fires = self._quick_fires + 1 if quick else 0
+            if self._quick_fires > 1:
+                time.sleep(random.uniform(0, 0.002 * min(self._quick_fires, 10)))
+
+    def stop_waiting(self) -> None:
+        # An unfired watch is abandoned: its thread closes its descriptor when the holder
+        # releases, or the process exits first.
+        self._watch = None
+        self._quick_fires = 0
+
+
+# How long a holder that lost its flock may still look alive before we call flock broken.
+# A killed process releases its locks early in exit; it is normally a zombie within
+# milliseconds, but a loaded machine can stretch that.
+EXIT_GRACE = 1.0
+
+
+def _settled_verdict(previous: OwnerRecord) -> Verdict:
+    verdict = classify(previous)
+    deadline = clock.monotonic() + EXIT_GRACE
+    while verdict.state is Liveness.ALIVE and clock.monotonic() < deadline:
+        time.sleep(0.002)  # polling a dying process's /proc entry; bounded by EXIT_GRACE
+        verdict = classify(previous)
+    return verdict
+
+
+def _is_self(record: OwnerRecord) -> bool:
+    return record.pid == os.getpid() and record.pid_ns == local_host().pid_ns

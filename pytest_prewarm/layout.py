@@ -1,0 +1,109 @@
+"""The lock dir's layout: every path the plugin uses inside a lock dir is derived here.
+
+::
+
+    locks/<id>.lock          permanent flock file, never written or deleted
+    locks/<id>.owner.json    who holds (or last held) the lock
+    locks/<id>.lease/        lease mode: numbered claim files (see lease.py)
+    staging/<id>/<attempt>/  a build in progress: data/ is what the builder fills
+    templates/<id>/          a published template: data/ plus meta.json
+    failures/<id>/<run>.json a failed build, so the rest of that run fails fast
+    events/<run>/*.jsonl     what each process of a run did, for the summary
+    trash/                   staging and old templates moved aside, deleted in background
+    lock-mode                the mode the first run chose; later runs must agree
+
+``<id>`` is the safe file stem of the name plus a digest of the key, so a different key
+is a different template with its own lock.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from .names import file_stem, key_digest
+
+SUBDIRS = ("locks", "staging", "templates", "failures", "trash")
+DATA_DIR = "data"
+META_FILE = "meta.json"
+MODE_FILE = "lock-mode"
+RUN_RECORD = ".run-owner.json"
+
+
+def template_id(name: str, canonical_key: str) -> str:
+    """The file stem of one (name, key) pair, unique and safe inside the lock dir."""
+    return f"{file_stem(name)}.{key_digest(canonical_key)}"
+
+
+class Layout:
+    """Paths inside one lock dir. Creating the subdirectories is ``ensure``'s job alone."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def ensure(self) -> None:
+        for sub in SUBDIRS:
+            (self.root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # -- locks -------------------------------------------------------------------------------
+
+    def lock_file(self, tid: str) -> Path:
+        return self.root / "locks" / f"{tid}.lock"
+
+    def owner_file(self, tid: str) -> Path:
+        return self.root / "locks" / f"{tid}.owner.json"
+
+    def lease_dir(self, tid: str) -> Path:
+        return self.root / "locks" / f"{tid}.lease"
+
+    def warm_up_lock(self) -> Path:
+        """A private lock file whose only use is loading filelock's code before a takeover."""
+        return self.root / "locks" / ".warm-up.lock"
+
+    # -- builds and templates ----------------------------------------------------------------
+
+    def staging_root(self, tid: str) -> Path:
+        return self.root / "staging" / tid
+
+    def new_attempt(self, tid: str) -> Path:
+        """A fresh staging directory name for one build attempt of this process."""
+        return self.staging_root(tid) / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def template_dir(self, tid: str) -> Path:
+        return self.root / "templates" / tid
+
+    def data_dir(self, tid: str) -> Path:
+        return self.template_dir(tid) / DATA_DIR
+
+    def meta_file(self, tid: str) -> Path:
+        return self.template_dir(tid) / META_FILE
+
+    def failure_file(self, tid: str, run_id: str) -> Path:
+        return self.root / "failures" / tid / f"{file_stem(run_id)}.json"
+
+    def failures_of_run(self, run_id: str) -> list[Path]:
+        return list((self.root / "failures").glob(f"*/{file_stem(run_id)}.json"))
+
+    # -- housekeeping ------------------------------------------------------------------------
+
+    @property
+    def trash(self) -> Path:
+        return self.root / "trash"
+
+    def trash_target(self, name: str) -> Path:
+        return self.trash / f"{name}.{uuid.uuid4().hex[:8]}"
+
+    def events_dir(self, run_id: str) -> Path:
+        return self.root / "events" / file_stem(run_id)
+
+    def events_file(self, run_id: str, worker: str, pid: int) -> Path:
+        return self.events_dir(run_id) / f"{file_stem(worker)}-{pid}.jsonl"
+
+    @property
+    def mode_file(self) -> Path:
+        return self.root / MODE_FILE
+
+    @property
+    def run_record(self) -> Path:
+        return self.root / RUN_RECORD
