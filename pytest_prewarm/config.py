@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from .clock import MAX_SECONDS
 from .kinds import LockMode
 
 DEFAULT_TIMEOUT = 1800.0  # container image builds take minutes; a hang still ends
+
 DEFAULT_NOTICE_AFTER = 10.0
 DEFAULT_REPORT = 10
 
@@ -138,6 +141,11 @@ def _seconds(config: pytest.Config, suffix: str, default: float, *, zero_ok: boo
             f"prewarm: {raw.value!r} from {raw.source} is not valid; it must be {need}, "
             f"for example --prewarm-{suffix}={default:g}"
         )
+    if value > MAX_SECONDS:
+        raise pytest.UsageError(
+            f"prewarm: {raw.value!r} from {raw.source} is too large; the most is "
+            f"{MAX_SECONDS:g} s (about 3 years), for example --prewarm-{suffix}={default:g}"
+        )
     return Setting(value, raw.source)
 
 
@@ -206,6 +214,47 @@ def _stale_after(config: pytest.Config, timeout: Setting) -> Setting:
     return stale
 
 
+def _lock_dir_path(config: pytest.Config, text: str, source: str) -> Path:
+    """The lock dir the user named; the filesystem root and the rootdir are refused.
+
+    A lock dir is emptied of stale builds and trash: pointing it at a directory full of
+    the user's own files (an empty value resolves to the rootdir) must fail at once.
+    """
+    fix = "pass a directory of its own, for example --prewarm-lock-dir=.prewarm"
+    if not text.strip():
+        raise pytest.UsageError(
+            f"prewarm: lock dir {text!r} from {source} is empty, which would mean the "
+            f"rootdir {config.rootpath}; {fix}"
+        )
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        path = config.rootpath / path
+    real = Path(os.path.realpath(path))
+    if real == Path(real.anchor):
+        raise pytest.UsageError(
+            f"prewarm: lock dir {text!r} from {source} is the root {real}; {fix}"
+        )
+    if real == Path(os.path.realpath(config.rootpath)):
+        raise pytest.UsageError(
+            f"prewarm: lock dir {text!r} from {source} is the rootdir {config.rootpath} "
+            f"itself; {fix}"
+        )
+    return real
+
+
+def _check_writable_target(path: Path, source: str) -> None:
+    """A report file must be creatable: fail at start-up, not after the whole run."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK):
+        return
+    raise pytest.UsageError(
+        f"prewarm: report file {str(path)!r} from {source} cannot be written ({parent} is "
+        "not a writable directory); give a path in a writable directory"
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     lock_dir: Setting  # value: Path | None (None: per-run default dir)
@@ -234,10 +283,7 @@ class Settings:
                     "pass a writable directory with --prewarm-lock-dir (or ini "
                     "prewarm_lock_dir)"
                 )
-            path = Path(text).expanduser()
-            if not path.is_absolute():
-                path = config.rootpath / path
-            lock_dir = Setting(path, lock_raw.source)
+            lock_dir = Setting(_lock_dir_path(config, text, lock_raw.source), lock_raw.source)
         rebuild = _raw(config, "rebuild")
         eager = _raw(config, "eager")
         timeout = _seconds(config, "timeout", DEFAULT_TIMEOUT, zero_ok=False)
@@ -252,6 +298,7 @@ class Settings:
                     f"prewarm: report file {str(json_path)!r} from {json_raw.source} is a "
                     "directory; give a file name such as prewarm-report.json"
                 )
+            _check_writable_target(json_path, json_raw.source)
         return cls(
             lock_dir=lock_dir,
             timeout=timeout,

@@ -18,6 +18,7 @@ from typing import Any
 from .files import append_text, decode_json_object, read_bounded
 from .kinds import Outcome
 from .layout import Layout
+from .trust import make_dir
 
 # A process's event file holds a few hundred bytes per template it asked for.
 MAX_EVENTS_FILE = 16 * 1024 * 1024
@@ -91,8 +92,7 @@ class EventLog:
             if not self._unflushed:
                 return
             events, self._unflushed = self._unflushed, []
-            directory = self.layout.events_dir(self.run_id)
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_dir(self.layout.events_dir(self.run_id))
             lines = "".join(json.dumps(e.to_dict()) + "\n" for e in events)
             append_text(self.layout.events_file(self.run_id, self.worker, os.getpid()), lines)
 

@@ -6,17 +6,27 @@ errors into ``pytest.UsageError``.
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class PrewarmError(Exception):
     """Base class of every error raised by pytest-prewarm."""
 
 
+# Stands for the staging directory a failed build was given: it is discarded after the
+# failure, so no message names it.
+BUILD_DIR_MARK = "<build dir>"
+
+
 class PrewarmBuildError(PrewarmError):
     """A template's builder raised; every user of that template in the run gets this error.
 
-    It carries the builder's exception type, message and formatted traceback, and the
-    worker that ran the build, so a waiter in another process can say what went wrong
-    without re-running the build.
+    It carries the builder's exception type, message and formatted traceback, the tail of
+    what the build wrote (``output``) and of a failed subprocess's ``command_stderr`` and
+    ``command_stdout``, the path of the log that keeps all of it (``log_path``), and the
+    worker that ran the build, so a waiter in another process says what went wrong
+    without re-running the build. Its message is the same in every process.
     """
 
     def __init__(
@@ -27,6 +37,10 @@ class PrewarmBuildError(PrewarmError):
         traceback_text: str,
         worker: str,
         pid: int,
+        output: str = "",
+        command_stderr: str = "",
+        command_stdout: str = "",
+        log_path: str | None = None,
     ) -> None:
         self.template = template
         self.exc_type = exc_type
@@ -34,6 +48,10 @@ class PrewarmBuildError(PrewarmError):
         self.traceback_text = traceback_text
         self.worker = worker
         self.pid = pid
+        self.output = output
+        self.command_stderr = command_stderr
+        self.command_stdout = command_stdout
+        self.log_path = log_path
         super().__init__(self._text())
 
     @property
@@ -42,12 +60,28 @@ class PrewarmBuildError(PrewarmError):
         return f"{self.exc_type}: {self.exc_message}"
 
     def _text(self) -> str:
-        return (
+        first = (
             f"building template {self.template!r} failed in {self.worker} (pid {self.pid}): "
-            f"{self.cause}\n"
-            "The build is attempted once per run; fix the builder and run again.\n"
-            f"Builder traceback:\n{self.traceback_text}"
+            f"{self.cause}"
         )
+        parts = [self.traceback_text.rstrip("\n")] if self.traceback_text.strip() else []
+        for title, text in (
+            ("stderr of the failed command:", self.command_stderr),
+            ("stdout of the failed command:", self.command_stdout),
+            ("What the build wrote to stdout and stderr:", self.output),
+        ):
+            if text.strip():
+                parts.append(title + "".join(f"\n  {line}" for line in text.splitlines()))
+        if not parts:
+            return first  # nothing more to say (a value that is not JSON): one line
+        if any(BUILD_DIR_MARK in part for part in [self.exc_message, *parts]):
+            parts.append(
+                f"{BUILD_DIR_MARK} is the directory the builder was given; it was discarded."
+            )
+        last = "The build is attempted once per run; fix the builder and run again."
+        if self.log_path:
+            last += f" Full log: {self.log_path}"
+        return "\n".join([first, *parts, last])
 
     def __reduce__(self) -> tuple[object, ...]:
         return (
@@ -59,8 +93,16 @@ class PrewarmBuildError(PrewarmError):
                 self.traceback_text,
                 self.worker,
                 self.pid,
+                self.output,
+                self.command_stderr,
+                self.command_stdout,
+                self.log_path,
             ),
         )
+
+
+# Errors that mean "no room left": no space, or the user's quota exhausted.
+DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 
 
 def timeout_hint(seconds: float, source: str) -> str:
@@ -105,6 +147,24 @@ class PrewarmUsageError(PrewarmError, ValueError):
 
 class PrewarmLockError(PrewarmError):
     """The lock directory cannot provide mutual exclusion (for example flock is missing)."""
+
+    @classmethod
+    def lock_dir_failed(
+        cls, template: str, lock_dir: os.PathLike[str], exc: OSError
+    ) -> PrewarmLockError:
+        """The one message for a filesystem error in the lock dir outside the builder."""
+        where = f" ({exc.filename})" if exc.filename else ""
+        if exc.errno in DISK_FULL:
+            return cls(
+                f"template {template!r}: the filesystem holding the lock dir "
+                f"{os.fspath(lock_dir)} is full ({exc.strerror}{where}); free space there and "
+                "run again"
+            )
+        return cls(
+            f"template {template!r}: the lock dir {os.fspath(lock_dir)} failed: "
+            f"{exc.strerror or exc}{where}. Check that it exists and is writable, or use "
+            "another --prewarm-lock-dir"
+        )
 
     @classmethod
     def lease_lost(cls, template: str, why: str, what: str) -> PrewarmLockError:

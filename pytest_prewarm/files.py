@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import stat
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
+
+from .trust import is_mine, remove_tree
 
 # A record is a few hundred bytes; anything much larger is not ours and is not read whole.
 MAX_RECORD_BYTES = 64 * 1024
@@ -58,9 +59,10 @@ def write_atomic(path: Path, text: str) -> None:
 def read_bounded(path: Path, limit: int = MAX_RECORD_BYTES) -> bytes | None:
     """The bytes of the regular file at ``path``, or ``None`` for anything else.
 
-    A symlink, a directory, a FIFO, a device or a file over ``limit`` bytes reads as
-    ``None``: O_NOFOLLOW and the fstat check keep a planted link from making us read (or
-    block on) anything outside the lock dir.
+    A symlink, a directory, a FIFO, a device, a file over ``limit`` bytes or a file of
+    another user reads as ``None``: O_NOFOLLOW and the fstat check keep a planted link
+    from making us read (or block on) anything outside the lock dir, and a record that
+    another user could have written is never trusted.
     """
     try:
         fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
@@ -68,7 +70,7 @@ def read_bounded(path: Path, limit: int = MAX_RECORD_BYTES) -> bytes | None:
         return None
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit or not is_mine(info):
             return None
         return os.read(fd, limit + 1)
     except OSError:
@@ -103,8 +105,6 @@ def append_text(path: Path, text: str) -> None:
 
 
 def delete_in_background(path: Path) -> None:
-    """Remove the tree at ``path`` in a daemon thread; errors are ignored (it is trash)."""
-    thread = threading.Thread(
-        target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True}, daemon=True
-    )
+    """Remove the tree at ``path`` in a daemon thread, never following a symlink in it."""
+    thread = threading.Thread(target=remove_tree, args=(path,), daemon=True)
     thread.start()

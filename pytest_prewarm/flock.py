@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import stat
 import sys
 import tempfile
 import threading
@@ -32,12 +33,14 @@ from typing import TYPE_CHECKING
 
 from . import clock, portable
 from .exceptions import PrewarmLockError
-from .files import O_NOFOLLOW, write_atomic, write_temp
+from .files import O_NOFOLLOW, O_NONBLOCK, write_atomic, write_temp
+from .fstype import filesystem_type, flock_untrusted
 from .layout import Layout
 from .liveness import Liveness, Verdict, classify, local_host, prepare_classify
 from .locking import Acquired, Holder
 from .owner import OwnerRecord, read_record
 from .records import Meta, hold_id
+from .trust import is_mine, kind_of
 
 if TYPE_CHECKING:
     from filelock import BaseFileLock
@@ -101,7 +104,8 @@ class _ReleaseWatch:
 
     def __init__(self, path: Path, fcntl: ModuleType) -> None:
         # os.open makes descriptors non-inheritable (O_CLOEXEC) by default.
-        self._fd = os.open(path, os.O_RDONLY | O_NOFOLLOW)
+        # Non-blocking open: a FIFO planted where the lock file was must not hang us here.
+        self._fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK)
         self._fcntl = fcntl
         with _watch_fds_lock:
             _watch_fds.add(self._fd)
@@ -142,6 +146,7 @@ class FlockLock:
         self._watch: _ReleaseWatch | None = None
         self._quick_fires = 0
         self._warmed = False
+        self._checked = False
         self._lock_object: BaseFileLock | None = None
 
     def holder(self) -> Holder:
@@ -192,9 +197,28 @@ class FlockLock:
         meta = Meta.read(self.finished_marker)
         return meta is not None and meta.holder == hold_id(record)
 
+    def _check_lock_file(self) -> None:
+        """A lock file must be a regular file of ours: never lock through a planted link."""
+        try:
+            info = os.lstat(self.lock_path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(info.st_mode) or not is_mine(info):
+            what = (
+                kind_of(info.st_mode) if not stat.S_ISREG(info.st_mode) else "another user's file"
+            )
+            raise PrewarmLockError(
+                f"template {self.template!r}: the lock file {self.lock_path} is {what}, not a "
+                "lock file pytest-prewarm made; nothing was locked or changed. Remove it "
+                "(nothing else in the lock dir needs to go) and run again."
+            )
+
     def try_acquire(self, record: OwnerRecord) -> Acquired | None:
         """Take the lock without blocking; ``None`` if someone else holds it."""
         lock = self._filelock()
+        if not self._checked:
+            self._check_lock_file()
+            self._checked = True
         # Written before we try the lock, so taking the lock and naming ourselves is one
         # rename apart: no reader finds the lock held and the record missing or half-written.
         tmp = write_temp(self.owner_path.parent, self.owner_path.name, record.to_json())
@@ -212,6 +236,19 @@ class FlockLock:
                 "The lock dir's filesystem does not support flock; use "
                 "--prewarm-lock-mode lease, or put --prewarm-lock-dir on a local filesystem."
             ) from exc
+        try:
+            acquired = self._claim(record, tmp)
+        except BaseException:
+            # Nothing stays held after an error: not the lock, not the temporary record.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            lock.release(force=True)
+            raise
+        self._held, self._record = lock, record
+        return acquired
+
+    def _claim(self, record: OwnerRecord, tmp: Path) -> Acquired:
+        """The kernel lock is ours: judge the previous holder, then name ourselves."""
         previous = read_record(self.owner_path)
         if previous is not None and previous.is_held and self._finished(previous):
             previous = previous.released()
@@ -219,22 +256,44 @@ class FlockLock:
         if previous is not None and previous.is_held:
             verdict = classify(previous) if _is_self(previous) else _settled_verdict(previous)
             if verdict.state is Liveness.ALIVE and not _is_self(previous):
-                # The kernel gave us the lock while a live process says it still holds it:
-                # flock does not exclude on this filesystem (NFS caches, VirtioFS). Building
-                # now would race, so stop loudly, leaving the holder's record untouched.
-                os.unlink(tmp)
-                lock.release(force=True)
-                raise PrewarmLockError(
-                    f"flock on {self.lock_path} did not exclude: it was granted to pid "
-                    f"{record.pid} while {previous.describe(local_hostname=local_host().hostname)} "
-                    f"still holds it ({verdict}). "
-                    "The lock dir's filesystem does not provide working flock; use "
-                    "--prewarm-lock-mode lease, or put --prewarm-lock-dir on a local "
-                    "filesystem."
-                )
-        os.replace(tmp, self.owner_path)
-        self._held, self._record = lock, record
+                verdict = self._live_previous(previous, record, verdict)
+        try:
+            os.replace(tmp, self.owner_path)
+        except OSError as exc:
+            try:
+                kind = kind_of(os.lstat(self.owner_path).st_mode)
+            except OSError:
+                kind = "unusable"
+            raise PrewarmLockError(
+                f"template {self.template!r}: cannot write the owner record "
+                f"{self.owner_path} ({exc.strerror}; it is {kind}). Remove it and run again; "
+                "the lock was released."
+            ) from exc
         return Acquired(previous, verdict)
+
+    def _live_previous(
+        self, previous: OwnerRecord, record: OwnerRecord, verdict: Verdict
+    ) -> Verdict:
+        """The kernel granted us the lock, yet the record names a live holder.
+
+        On a local filesystem, where flock is known to exclude, the kernel is right: that
+        process no longer holds the lock (it gave up without a clean release, or the record
+        was planted), so the record is stale. Only where flock cannot be trusted (network
+        and virtual filesystems) does this mean that flock did not exclude.
+        """
+        holder = previous.describe(local_hostname=local_host().hostname)
+        if not flock_untrusted(filesystem_type(self.lock_path.parent)):
+            return Verdict(
+                Liveness.ALIVE,
+                f"{verdict.reason}, but it does not hold the lock: the kernel granted it here",
+            )
+        raise PrewarmLockError(
+            f"flock on {self.lock_path} did not exclude: it was granted to pid "
+            f"{record.pid} while {holder} still holds it ({verdict}). "
+            "The lock dir's filesystem does not provide working flock; use "
+            "--prewarm-lock-mode lease, or put --prewarm-lock-dir on a local "
+            "filesystem."
+        )
 
     def held_by(self) -> OwnerRecord | None:
         return self._record
@@ -250,7 +309,11 @@ class FlockLock:
             # Say "released" before unlocking, so the next holder can tell a clean release
             # from a holder that died with the lock. A published template says it already.
             if not finished:
-                write_atomic(self.owner_path, record.released().to_json())
+                # A record that cannot be written (a full disk) must not keep the lock held
+                # or hide the error being handled; the next holder then reads "held" and
+                # judges the holder, as after a crash.
+                with contextlib.suppress(OSError):
+                    write_atomic(self.owner_path, record.released().to_json())
         finally:
             self._held = self._record = None
             lock.release(force=True)

@@ -8,6 +8,9 @@
     staging/<id>/<attempt>/  a build in progress: data/ is what the builder fills
     templates/<id>/          a published template: data/ plus meta.json
     failures/<id>/<run>.json a failed build, so the rest of that run fails fast
+    failures/<id>/<run>.log  its log: what the build wrote, its traceback; kept after the
+                             run (the newest few per template), since its error names it
+    failures/.<id>+*.partial the log of a build in progress; the above if it fails
     events/<run>/*.jsonl     what each process of a run did, for the summary
     trash/                   staging and old templates moved aside, deleted in background
     lock-mode                the mode the first run chose; later runs must agree
@@ -23,12 +26,23 @@ import uuid
 from pathlib import Path
 
 from .names import file_stem, key_digest
+from .trust import make_dir
 
-SUBDIRS = ("locks", "staging", "templates", "failures", "trash")
+SUBDIRS = ("locks", "staging", "templates", "failures", "trash", "events")
 DATA_DIR = "data"
 META_FILE = "meta.json"
 MODE_FILE = "lock-mode"
 RUN_RECORD = ".run-owner.json"
+# The mark of a lock dir that pytest-prewarm made or adopted (pytest marks its cache dir
+# the same way). A non-empty directory without it is never used, so nothing of the
+# user's is touched.
+TAG_FILE = "PYTEST_PREWARM_LOCKDIR.TAG"
+TAG_SIGNATURE = "Signature: pytest-prewarm lock dir"
+TAG_TEXT = (
+    f"{TAG_SIGNATURE}\n"
+    "# This directory holds pytest-prewarm's locks and templates. It is safe to delete\n"
+    "# when no pytest run is using it.\n"
+)
 
 
 def template_id(name: str, canonical_key: str) -> str:
@@ -43,8 +57,10 @@ class Layout:
         self.root = root
 
     def ensure(self) -> None:
+        """Create the subdirectories, each checked to be a real directory of ours."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         for sub in SUBDIRS:
-            (self.root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_dir(self.root / sub)
 
     # -- locks -------------------------------------------------------------------------------
 
@@ -85,6 +101,23 @@ class Layout:
     def failures_of_run(self, run_id: str) -> list[Path]:
         return list((self.root / "failures").glob(f"*/{file_stem(run_id)}.json"))
 
+    # -- build logs --------------------------------------------------------------------------
+
+    def build_log(self, tid: str, run_id: str) -> Path:
+        """The log of this run's failed build of ``tid``, named by its error message."""
+        return self.root / "failures" / tid / f"{file_stem(run_id)}.log"
+
+    def build_logs(self, tid: str | None = None) -> list[Path]:
+        """The logs of failed builds of ``tid`` (of every template without it)."""
+        return list((self.root / "failures").glob(f"{tid or '*'}/*.log"))
+
+    def new_partial_log(self, tid: str) -> Path:
+        """A fresh name for the log of one build in progress of this process."""
+        return self.root / "failures" / f".{tid}+{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+
+    def partial_logs(self, tid: str) -> list[Path]:
+        return list((self.root / "failures").glob(f".{tid}+*.partial"))  # "+" is in no id
+
     # -- housekeeping ------------------------------------------------------------------------
 
     @property
@@ -103,6 +136,10 @@ class Layout:
     @property
     def mode_file(self) -> Path:
         return self.root / MODE_FILE
+
+    @property
+    def tag_file(self) -> Path:
+        return self.root / TAG_FILE
 
     @property
     def run_record(self) -> Path:

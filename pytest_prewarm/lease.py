@@ -142,13 +142,17 @@ class LeaseLock:
         finally:
             os.unlink(tmp)
         self._gen, self._record, self._lost, self._seen = target, record, None, None
-        self._stop.clear()
-        self._beat = threading.Thread(
-            target=self._heartbeat, args=(target,), name=f"prewarm-lease:{self.template}"
-        )
-        self._beat.daemon = True
-        self._beat.start()
-        self._forget_older(target)
+        try:
+            self._stop.clear()
+            self._beat = threading.Thread(
+                target=self._heartbeat, args=(target,), name=f"prewarm-lease:{self.template}"
+            )
+            self._beat.daemon = True
+            self._beat.start()
+            self._forget_older(target)
+        except BaseException:
+            self.release()  # nothing stays held after an error
+            raise
         return Acquired(previous, verdict)
 
     def _heartbeat(self, gen: int) -> None:
@@ -196,7 +200,7 @@ class LeaseLock:
         if gen is None:
             return
         self._stop.set()
-        if self._beat is not None:
+        if self._beat is not None and self._beat.is_alive():
             self._beat.join()
         self._gen = self._record = self._beat = None
         # O_EXCL: a released marker is created once and never rewritten.

@@ -283,6 +283,9 @@ def classify(record: OwnerRecord | None, here: HostIdentity | None = None) -> Ve
         return Verdict(Liveness.DEAD, "pid reused by a newer process")
     if by_ticks and is_exiting(record.pid):
         return Verdict(Liveness.DEAD, "exiting")
+    if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+        # Alive all the same: SIGCONT (or the debugger) lets it go on, so it is never robbed.
+        return Verdict(Liveness.ALIVE, "stopped")
     return Verdict(Liveness.ALIVE, "running")
 
 
@@ -292,9 +295,11 @@ def _start_matches(proc: psutil.Process, record: OwnerRecord) -> bool | None:
 
 
 # psutil derives create_time from the boot time and the start ticks on Linux and from the
-# kernel's start timestamp elsewhere: the same process reads the same value to well under
-# this, while a reused pid belongs to a process started later.
-CREATE_TIME_TOLERANCE = 0.01
+# kernel's start timestamp elsewhere (microseconds on macOS, 100 ns on Windows): the same
+# process reads the same value each time, while a reused pid belongs to a process started
+# later. Half of Linux's 10 ms tick (USER_HZ is 100): at a whole tick, float rounding of
+# ticks / 100 decided whether a pid reused one tick later matched its holder.
+CREATE_TIME_TOLERANCE = 0.005
 
 
 def _created_matches(proc: psutil.Process, record: OwnerRecord) -> bool | None:

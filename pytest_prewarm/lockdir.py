@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
+import stat
 import tempfile
 from pathlib import Path
 
-from .exceptions import LockDirError
-from .files import write_atomic
+from . import clock
+from .exceptions import DISK_FULL, LockDirError
+from .files import read_bounded, write_atomic, write_temp
+from .fstype import filesystem_type, flock_untrusted
 from .kinds import LockMode
-from .layout import Layout
+from .layout import RUN_RECORD, TAG_FILE, TAG_SIGNATURE, TAG_TEXT, Layout
 from .liveness import Liveness, classify, own_record
 from .owner import read_record
+from .trust import check_dir, dir_problem, is_mine, kind_of, remove_tree
 
 # Per-run default dirs live directly in the system temp dir, not under pytest-of-USER:
 # pytest's numbered-dir cleanup deletes unknown "pytest-*" folders there, which would wipe
@@ -21,65 +24,151 @@ from .owner import read_record
 RUN_DIR_PREFIX = "pytest-prewarm-run-"
 
 
-def prepare(path: Path, source: str) -> Path:
-    """Create ``path`` (owner-only) if needed and prove we can write in it."""
-    hint = (
-        "pass a writable directory with --prewarm-lock-dir "
-        f"(value {str(path)!r} came from {source})"
-    )
-    if path.exists() and not path.is_dir():
-        raise LockDirError(f"lock dir {str(path)!r} exists and is not a directory; {hint}")
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LockDirError(f"cannot create lock dir {str(path)!r}: {exc.strerror}; {hint}") from exc
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".prewarm-probe-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise LockDirError(
-            f"lock dir {str(path)!r} is not writable: {exc.strerror}; {hint}"
-        ) from exc
-    return path
-
-
-# Filesystems whose flock does not exclude across clients, or that silently emulate it.
-_SHARED_FS = (
-    "nfs",
-    "nfs4",
-    "cifs",
-    "smb3",
-    "smbfs",
-    "9p",
-    "virtiofs",
-    "ceph",
-    "glusterfs",
-    "lustre",
-    "afs",
-    "fuse",
+# Names a lock dir of pytest-prewarm 0.1 (made before the tag file existed) can hold; such a
+# dir, owned by this user and holding nothing else, is adopted rather than refused.
+_LEGACY_NAMES = frozenset(
+    {"locks", "staging", "templates", "failures", "trash", "events", "lock-mode"}
+    | {".prewarm-flock-probe", RUN_RECORD}
 )
 
 
-def filesystem_type(path: Path) -> str | None:
-    """The type of the filesystem holding ``path``, from /proc/self/mountinfo (Linux)."""
+def prepare(path: Path, source: str) -> Path:
+    """Create ``path`` (owner-only) or adopt it, mark it as ours, and prove we can write in it.
+
+    An existing directory is used only if it carries our tag, is empty, or is a lock dir of
+    an earlier version; anything else is refused and left untouched.
+    """
+    hint = (
+        "pass a writable directory with --prewarm-lock-dir (a new or empty one, or one "
+        f"pytest-prewarm made; value {str(path)!r} came from {source})"
+    )
     try:
-        real = os.path.realpath(path)
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
-            lines = handle.read().splitlines()
+        info = os.lstat(path)
+    except FileNotFoundError:
+        info = None
+    except OSError as exc:  # a path below a file (ENOTDIR), too long, unreadable
+        raise LockDirError(f"cannot create lock dir {str(path)!r}: {exc.strerror}; {hint}") from exc
+    if info is not None and not stat.S_ISDIR(info.st_mode):
+        raise LockDirError(
+            f"lock dir {str(path)!r} exists and is not a directory (it is "
+            f"{kind_of(info.st_mode)}); {hint}"
+        )
+    if info is None:
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LockDirError(
+                f"cannot create lock dir {str(path)!r}: {exc.strerror}; {hint}"
+            ) from exc
+    check_dir(path, shared_ok=True)
+    layout = Layout(path)
+    if not _is_tagged(layout):
+        _adopt(layout, hint)
+    _prove_writable(layout, hint)
+    return path
+
+
+def _is_tagged(layout: Layout) -> bool:
+    raw = read_bounded(layout.tag_file)
+    return raw is not None and raw.startswith(TAG_SIGNATURE.encode())
+
+
+# Files another run creates for a moment while it adopts or probes the same fresh lock dir:
+# runs starting together must not take each other's for the user's files.
+_TRANSIENT = (f".{TAG_FILE}.", ".prewarm-probe-", ".prewarm-flock-probe-", ".lock-mode.")
+
+
+def _adopt(layout: Layout, hint: str) -> None:
+    try:
+        entries = [n for n in os.listdir(layout.root) if not n.startswith(_TRANSIENT)]
+    except OSError as exc:
+        raise LockDirError(f"cannot list lock dir {str(layout.root)!r}: {exc.strerror}") from exc
+    if _is_tagged(layout):
+        return  # a run starting at the same moment adopted it first
+    legacy = bool(entries) and set(entries) <= _LEGACY_NAMES
+    if legacy:
+        for name in entries:
+            check_dir_or_mine(layout.root / name)
+    elif entries:
+        shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+        raise LockDirError(
+            f"lock dir {str(layout.root)!r} is not empty ({shown}) and was not made by "
+            f"pytest-prewarm (it has no {TAG_FILE} file); nothing in it was touched. "
+            f"A lock dir must be one of its own; {hint}"
+        )
+    try:
+        _link_new(layout.tag_file, TAG_TEXT)
+    except OSError as exc:
+        full = " (the filesystem is full)" if exc.errno in DISK_FULL else ""
+        raise LockDirError(
+            f"lock dir {str(layout.root)!r} is not writable: {exc.strerror}{full} (while "
+            f"marking it as pytest-prewarm's with {TAG_FILE}); {hint}"
+        ) from exc
+
+
+def _link_new(path: Path, text: str) -> bool:
+    """Create ``path`` holding ``text`` whole, or leave an existing one; True if created.
+
+    The text goes to a temporary file that is hard-linked into place: atomic and
+    exclusive, so a concurrent reader sees no file or the whole file, never an empty one.
+    Where hard links are refused, an exclusive create written at once takes its place.
+    """
+    tmp = write_temp(path.parent, path.name, text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
     except OSError:
-        return None
-    best, best_type = "", None
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        if len(fields) < 5 or not right:
-            continue
-        mount_point = fields[4].replace("\\040", " ")
-        inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
-        if inside and len(mount_point) >= len(best):
-            best, best_type = mount_point, right.split()[0]
-    return best_type
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return True
+    finally:
+        os.unlink(tmp)
+
+
+def check_dir_or_mine(path: Path) -> None:
+    """A legacy entry must be a directory we may use, or a regular file of ours."""
+    info = os.lstat(path)
+    if stat.S_ISDIR(info.st_mode):
+        check_dir(path)
+    elif not (stat.S_ISREG(info.st_mode) and is_mine(info)):
+        raise LockDirError(
+            f"{path} is {kind_of(info.st_mode)} that pytest-prewarm did not make; nothing "
+            "was touched. Remove it, or use another --prewarm-lock-dir."
+        )
+
+
+def _prove_writable(layout: Layout, hint: str) -> None:
+    for attempt in range(2):
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".prewarm-probe-", dir=layout.root)
+            os.close(fd)
+            os.unlink(probe)
+            return
+        except OSError as exc:
+            if exc.errno in DISK_FULL and attempt == 0:
+                # A run cut short can leave its trash behind on a full disk: make room.
+                for leftover in _trash_entries(layout):
+                    remove_tree(leftover)
+                continue
+            full = " (the filesystem is full)" if exc.errno in DISK_FULL else ""
+            raise LockDirError(
+                f"lock dir {str(layout.root)!r} is not writable: {exc.strerror}{full}; {hint}"
+            ) from exc
+
+
+def _trash_entries(layout: Layout) -> list[Path]:
+    if dir_problem(layout.trash) is not None:
+        return []
+    try:
+        return list(layout.trash.iterdir())
+    except OSError:
+        return []
 
 
 def choose_lock_mode(path: Path, requested: LockMode | str) -> tuple[LockMode, str]:
@@ -88,7 +177,7 @@ def choose_lock_mode(path: Path, requested: LockMode | str) -> tuple[LockMode, s
     if requested is not LockMode.AUTO:
         return requested, "requested"
     fstype = filesystem_type(path)
-    if fstype is not None and (fstype in _SHARED_FS or fstype.startswith("fuse.")):
+    if flock_untrusted(fstype):
         return LockMode.LEASE, f"auto: {fstype} filesystem, where flock cannot be trusted"
     from . import flock  # the probe is flock's own business
 
@@ -105,54 +194,100 @@ def pin_mode(path: Path, mode: LockMode, why: str) -> None:
     """Record the lock dir's mode; refuse a run that would use the other one.
 
     A flock run and a lease run lock different files, so sharing one lock dir between
-    them would exclude nothing. The first run to use the dir decides.
+    them would exclude nothing. The first run to use the dir decides: the mode is written
+    to a temporary file and hard-linked into place, which is atomic and exclusive, so a
+    concurrent run reads no mode or the whole mode, never an empty file.
     """
     marker = Layout(path).mode_file
-    try:
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        try:
-            existing = marker.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise LockDirError(f"cannot read {marker}: {exc.strerror}") from exc
-        if existing and existing != mode:
-            raise LockDirError(
-                f"lock dir {str(path)!r} is used in {existing} mode, but this run would use "
-                f"{mode} mode ({why}); the two do not exclude each other. Pass "
-                f"--prewarm-lock-mode {existing}, or use another --prewarm-lock-dir"
-            ) from None
+    if _link_new(marker, mode + "\n"):
         return
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(mode + "\n")
+    raw = read_bounded(marker)
+    if raw is None:
+        raise LockDirError(
+            f"{marker} is not a lock-mode file of this user (a symlink, a special file or "
+            "another user's file); nothing was changed. Remove it, or use another "
+            "--prewarm-lock-dir"
+        )
+    existing = raw.decode("utf-8", "replace").strip()
+    if existing and existing != mode:
+        raise LockDirError(
+            f"lock dir {str(path)!r} is used in {existing} mode, but this run would use "
+            f"{mode} mode ({why}); the two do not exclude each other. Pass "
+            f"--prewarm-lock-mode {existing}, or use another --prewarm-lock-dir"
+        )
 
 
 def create_run_dir(run_id: str, worker: str) -> Path:
     """A fresh lock dir for one test run, recorded with its creator so orphans can be swept."""
     sweep_orphans()
-    path = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))  # mkdtemp makes it 0o700
-    write_atomic(Layout(path).run_record, own_record(worker, run_id).to_json())
+    try:
+        path = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))  # mkdtemp makes it 0o700
+        layout = Layout(path)
+        write_atomic(layout.tag_file, TAG_TEXT)
+        write_atomic(layout.run_record, own_record(worker, run_id).to_json())
+    except OSError as exc:
+        full = " (the filesystem is full)" if exc.errno in DISK_FULL else ""
+        raise LockDirError(
+            f"cannot create a per-run lock dir in {tempfile.gettempdir()}: {exc.strerror}"
+            f"{full}; free space there, set TMPDIR, or pass --prewarm-lock-dir"
+        ) from exc
     return path
 
 
 def remove_run_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    """Remove a per-run dir at the end of its run, except the logs of failed builds.
+
+    Their errors name them, so they must outlive the run: such a dir keeps ``failures/``
+    (records and logs), its tag and its run record, and a later run's sweep removes it
+    once its newest log is RUN_LOGS_KEPT_FOR old (a day).
+    """
+    layout = Layout(path)
+    logs = layout.build_logs()
+    if not logs:
+        remove_tree(path)
+        return
+    kept = {logs[0].parent.parent.name, layout.tag_file.name, layout.run_record.name}
+    with contextlib.suppress(OSError):
+        for entry in path.iterdir():
+            if entry.name not in kept:
+                remove_tree(entry)
 
 
 def sweep_orphans(temp_root: Path | None = None) -> list[Path]:
     """Remove default lock dirs whose creating pytest process is provably dead.
 
     A controller killed with SIGKILL never runs its cleanup; without this sweep its dir
-    would stay in the temp dir forever. A dir whose creator is alive or unknown (another
-    container sharing /tmp) is left alone.
+    would stay in the temp dir forever. Only a real directory of this user that carries
+    our tag and a run record of a provably dead creator is removed; anything else (a
+    dir of another user, of a live or unknown creator, a symlink) is left alone.
     """
     root = temp_root or Path(tempfile.gettempdir())
     removed = []
     with contextlib.suppress(OSError):
         for entry in root.iterdir():
-            if not entry.name.startswith(RUN_DIR_PREFIX) or entry.is_symlink():
+            if not entry.name.startswith(RUN_DIR_PREFIX) or dir_problem(entry):
                 continue
-            record = read_record(Layout(entry).run_record)
+            layout = Layout(entry)
+            if not entry.is_dir() or entry.is_symlink() or not _is_tagged(layout):
+                continue
+            record = read_record(layout.run_record)
             if record is not None and classify(record).state is Liveness.DEAD:
-                shutil.rmtree(entry, ignore_errors=True)
+                if _holds_recent_logs(layout):
+                    continue  # errors named these logs: keep them a while (remove_run_dir)
+                remove_tree(entry)
                 removed.append(entry)
     return removed
+
+
+# A per-run dir that kept the logs of failed builds outlives its run by this long, so the
+# log paths its errors named still exist when someone reads them.
+RUN_LOGS_KEPT_FOR = 24 * 3600.0
+
+
+def _holds_recent_logs(layout: Layout) -> bool:
+    now = clock.wall()
+    for log in layout.build_logs():
+        with contextlib.suppress(OSError):
+            if now - os.lstat(log).st_mtime < RUN_LOGS_KEPT_FOR:
+                return True
+    return False

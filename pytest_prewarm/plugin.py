@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ class State:
     log: EventLog
     lock_mode: LockMode
     lock_mode_why: str
-    eager_thread: threading.Thread | None = None
+    eager_builds: eager.EagerBuilds | None = None
 
     @property
     def lock_dir(self) -> Path:
@@ -118,16 +117,19 @@ def pytest_configure(config: pytest.Config) -> None:
             lockdir.pin_mode(lock_dir, lock_mode, mode_why)
         except LockDirError as exc:
             raise pytest.UsageError(f"prewarm: {exc}") from exc
-    store = TemplateStore(
-        lock_dir,
-        run_id=run_id,
-        worker=worker,
-        rebuild=settings.rebuild,
-        notice_every=settings.notice_after.value or float("inf"),
-        lock_mode=lock_mode,
-        stale_after=settings.stale_after.value,
-        heartbeat=settings.heartbeat,
-    )
+    try:
+        store = TemplateStore(
+            lock_dir,
+            run_id=run_id,
+            worker=worker,
+            rebuild=settings.rebuild,
+            notice_every=settings.notice_after.value or float("inf"),
+            lock_mode=lock_mode,
+            stale_after=settings.stale_after.value,
+            heartbeat=settings.heartbeat,
+        )
+    except LockDirError as exc:  # a subdirectory that is a symlink, another user's...
+        raise pytest.UsageError(f"prewarm: {exc}") from exc
     log = EventLog(store.layout, run_id, worker)
     store.on_event = log.record
     store.on_notice = _notice_writer(worker)
@@ -175,12 +177,16 @@ def _flush(config: pytest.Config | None) -> None:
 
 
 @pytest.hookimpl(trylast=True)
-def pytest_sessionfinish(session: pytest.Session) -> None:
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     state = config.stash.get(STATE_KEY, None)
-    if state is not None and state.eager_thread is not None:
-        # Let a background build finish (or fail) rather than abandon it half-way.
-        state.eager_thread.join(state.settings.timeout.value)
+    if state is not None and state.eager_builds is not None:
+        # Let a background build finish (or fail) rather than abandon it half-way, unless
+        # the run was interrupted: then nothing is waited for.
+        state.eager_builds.finish(
+            state.settings.timeout.value,
+            interrupted=exitstatus == pytest.ExitCode.INTERRUPTED,
+        )
     _flush(config)
     if state is not None and _is_worker(config):
         config.workeroutput[WORKEROUTPUT_EVENTS] = [  # type: ignore[attr-defined]
@@ -311,7 +317,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     names = marker.needed_by(session.items)
     if names:
-        state.eager_thread = eager.start(state.store, [state.request_for(n) for n in names])
+        requests = [state.request_for(n) for n in names]
+        state.eager_builds = eager.EagerBuilds(state.store, requests).start()
 
 
 @pytest.hookimpl(tryfirst=True)

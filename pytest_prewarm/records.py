@@ -88,6 +88,10 @@ class Meta:
         )
 
 
+# Tracebacks can be long; the builder clips what it records to fit (see request.py).
+FAILURE_RECORD_LIMIT = 4 * 1024 * 1024
+
+
 def failure_to_json(error: PrewarmBuildError) -> str:
     return json.dumps(
         {
@@ -97,13 +101,21 @@ def failure_to_json(error: PrewarmBuildError) -> str:
             "traceback": error.traceback_text,
             "worker": error.worker,
             "pid": error.pid,
+            "output": error.output,
+            "command_stderr": error.command_stderr,
+            "command_stdout": error.command_stdout,
+            "log_path": error.log_path,
         }
     )
 
 
 def read_failure(path: Path) -> PrewarmBuildError | None:
-    """The failure recorded at ``path``; a field of the wrong type reads as unrecorded."""
-    data = read_json_object(path, limit=4 * 1024 * 1024)  # tracebacks can be long
+    """The failure recorded at ``path``; a field of the wrong type reads as unrecorded.
+
+    The output fields and the log path are optional: absent (a record of an earlier
+    version) or of the wrong type, they read as empty and as no log.
+    """
+    data = read_json_object(path, limit=FAILURE_RECORD_LIMIT)
     if data is None:
         return None
 
@@ -111,7 +123,12 @@ def read_failure(path: Path) -> PrewarmBuildError | None:
         value = data.get(field)
         return value if isinstance(value, str) else "<unrecorded>"
 
+    def optional(field: str) -> str:
+        value = data.get(field)
+        return value if isinstance(value, str) else ""
+
     pid = data.get("pid")
+    log_path = data.get("log_path")
     return PrewarmBuildError(
         template=text("template"),
         exc_type=text("exc_type"),
@@ -119,4 +136,8 @@ def read_failure(path: Path) -> PrewarmBuildError | None:
         traceback_text=text("traceback"),
         worker=text("worker"),
         pid=pid if type(pid) is int else 0,
+        output=optional("output"),
+        command_stderr=optional("command_stderr"),
+        command_stdout=optional("command_stdout"),
+        log_path=log_path if isinstance(log_path, str) and log_path else None,
     )

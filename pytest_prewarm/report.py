@@ -51,6 +51,9 @@ class TemplateSummary:
             first = self.failures[0]
             message = (first.error or "").splitlines()[0] if first.error else "error"
             return f"failed in {first.worker} after {_secs(first.build_seconds or 0.0)}: {message}"
+        others = [e for e in self.waits if e.outcome == Outcome.WAITED and e.built_by]
+        if code == "reused" and others:
+            return f"built by another run ({others[0].built_by}) while this one waited"
         return {
             "timeout": "not built: timed out waiting for the lock",
             "reused": "reused (published before this run)",
@@ -64,6 +67,9 @@ def summarize(events: Iterable[TemplateEvent]) -> list[TemplateSummary]:
         summary = by_name.setdefault(event.template, TemplateSummary(event.template))
         if event.outcome == Outcome.BUILT:
             summary.builds.append(event)
+            if event.recovered_from and event.wait_seconds > 0:
+                # It waited for a builder that was then killed, and took over: a wait too.
+                summary.waits.append(event)
         elif event.outcome == Outcome.FAILED and event.build_seconds is not None:
             summary.failures.append(event)
         elif event.outcome == Outcome.REUSED and event.wait_seconds == 0.0:

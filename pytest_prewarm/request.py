@@ -9,9 +9,13 @@ recorded once per run, so every other request of the run fails fast with its cau
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import stat
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +23,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import clock
+from .capture import BuildOutput, command_output, tail
 from .events import TemplateEvent
 from .exceptions import (
+    BUILD_DIR_MARK,
+    DISK_FULL,
+    LockDirError,
     PrewarmBuildError,
     PrewarmLockError,
     PrewarmTimeout,
@@ -36,6 +44,7 @@ from .locks import lock_factory
 from .names import canonical_key, check_name
 from .records import Meta, failure_to_json, hold_id, read_failure
 from .registry import Registry
+from .trust import check_dir, is_mine, kind_of, make_dir, remove_tree
 
 Builder = Callable[[Path], Any]
 
@@ -104,6 +113,11 @@ def check_timeout(value: object, *, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise PrewarmUsageError(
             f"timeout {value!r} for template {name!r} must be a positive number of seconds"
+        )
+    if not value <= clock.MAX_SECONDS:
+        raise PrewarmUsageError(
+            f"timeout {value!r} for template {name!r} is too large; the most is "
+            f"{clock.MAX_SECONDS:g} s (about 3 years)"
         )
     return float(value)
 
@@ -249,7 +263,7 @@ class TemplateStore:
         try:
             cached = self._results.get(tid)
             if isinstance(cached, PrewarmBuildError):
-                raise cached
+                raise cached.with_traceback(None)  # not one more frame per re-raise
             if cached is not None:
                 return cached
             try:
@@ -257,6 +271,10 @@ class TemplateStore:
             except PrewarmBuildError as exc:
                 self._results[tid] = exc  # one attempt per run, in this process too
                 raise
+            except OSError as exc:
+                # The lock dir itself failed us (a full disk, a removed directory, a path
+                # too long): say so in words, never as a raw OSError from deep inside.
+                raise PrewarmLockError.lock_dir_failed(name, self.lock_dir, exc) from exc
             if template is not None:
                 self._results[tid] = template
             return template
@@ -304,9 +322,7 @@ class _Fetch:
             acquired = self.lock.try_acquire(self.store.identity.record(self.name))
             if acquired is None:
                 return None
-            done = self._check_done()  # finished between our check and our lock?
-            if done is not None:
-                self.lock.release()
+            if self._done_while_acquiring() is not None:
                 return None
         elif done is None:
             done, acquired, waited = self._acquire_or_wait()
@@ -314,9 +330,13 @@ class _Fetch:
             self._event(Outcome.FAILED, waited, built_by=done.error.worker, error=done.error.cause)
             raise done.error
         if done is not None:
-            same_run = done.run_id == self.store.run_id
-            origin = Origin.WAITED if waited > 0 and same_run else Origin.REUSED
-            self._event(Outcome(origin), waited, built_by=done.built_by)
+            # Waiting means someone built it meanwhile: a worker of this run, or a process
+            # of another run sharing the lock dir, which the report names as such.
+            origin = Origin.WAITED if waited > 0 else Origin.REUSED
+            built_by = done.built_by
+            if done.run_id != self.store.run_id:
+                built_by = f"{built_by} of run {done.run_id[:8]}"
+            self._event(Outcome(origin), waited, built_by=built_by)
             return self._template(done, origin)
         assert acquired is not None
         try:
@@ -328,7 +348,11 @@ class _Fetch:
     # -- checking and waiting ------------------------------------------------------------------
 
     def _check_done(self) -> _Done | None:
-        failure = read_failure(self.layout.failure_file(self.tid, self.store.run_id))
+        failure_file = self.layout.failure_file(self.tid, self.store.run_id)
+        # Records are read by path: their directories must not be links planted elsewhere.
+        check_dir(failure_file.parent)
+        check_dir(self.layout.template_dir(self.tid))
+        failure = read_failure(failure_file)
         if failure is not None:
             return _Failed(failure)
         meta = Meta.read(self.layout.meta_file(self.tid))
@@ -340,6 +364,21 @@ class _Fetch:
         if self.store.rebuild and meta.run_id != self.store.run_id:
             return None
         return meta
+
+    def _done_while_acquiring(self) -> _Done | None:
+        """Check again once the lock is ours: someone may have finished in between.
+
+        The lock is released if it is done, or if checking fails: nothing stays held
+        after an error.
+        """
+        try:
+            done = self._check_done()
+        except BaseException:
+            self.lock.release()
+            raise
+        if done is not None:
+            self.lock.release()
+        return done
 
     def _acquire_or_wait(self) -> tuple[_Done | None, Acquired | None, float]:
         """``(done, None, waited)`` once the work is done elsewhere, or ``(None, acquired,
@@ -359,10 +398,8 @@ class _Fetch:
                     return done, None, clock.monotonic() - start
                 acquired = lock.try_acquire(store.identity.record(self.name))
                 if acquired is not None:
-                    # Someone may have finished between our check and our lock: check again.
-                    done = self._check_done()
+                    done = self._done_while_acquiring()
                     if done is not None:
-                        lock.release()
                         return done, None, clock.monotonic() - start
                     return None, acquired, clock.monotonic() - start
                 now = clock.monotonic()
@@ -397,19 +434,27 @@ class _Fetch:
         data = attempt / DATA_DIR
         data.mkdir(mode=0o700, parents=True)
         started = clock.monotonic()
+        output = self._capture(data)
         try:
-            returned = self.request.build(data)
-            value = _json_round_trip(returned, self.name)
+            with output:  # the build's stdout and stderr, teed to its log (see capture.py)
+                returned = self.request.build(data)
+            value = _json_round_trip(
+                returned, self.name, (str(data), str(self.layout.data_dir(self.tid)))
+            )
+            output.discard()
         except Exception as exc:
             build_seconds = clock.monotonic() - started
-            self._trash(attempt)
+            # On a full disk the staging goes at once, not in the background: the failure
+            # record (which lets every other process fail fast) needs the room.
+            self._trash(attempt, now=isinstance(exc, OSError) and exc.errno in DISK_FULL)
             # Lease mode: a successor that took over moved our staging away, which is
             # likely why the build failed. Not the builder's fault: record nothing.
             try:
                 self.lock.confirm_held("abandoned")
             except PrewarmLockError as lost:
+                output.discard()
                 raise lost from exc
-            error = self._record_failure(exc)
+            error = self._record_failure(exc, output, attempt)
             self._event(
                 Outcome.FAILED,
                 waited,
@@ -418,10 +463,13 @@ class _Fetch:
                 error=error.cause,
                 recovered_from=recovered,
             )
-            raise error from exc
+            # Not chained: the message holds the traceback, the same text every waiter
+            # shows, and a chained exception would print it a second time.
+            raise error from None
         except BaseException:
             # Interrupted (Ctrl-C, pytest.exit, a timeout plugin): not the builder's fault,
             # so no failure record; the next run or worker builds afresh.
+            output.discard()
             self._trash(attempt)
             raise
         build_seconds = clock.monotonic() - started
@@ -437,7 +485,23 @@ class _Fetch:
             published_at=clock.wall(),
             holder=hold_id(self.lock.held_by()),
         )
-        self._publish(attempt, meta)
+        try:
+            self._publish(attempt, meta)
+        except OSError as exc:
+            # Publishing failed in the lock dir itself (a full disk writing meta.json): the
+            # staging goes at once, and the failure is recorded like a build's, so every
+            # other process of the run fails fast instead of building again.
+            self._trash(attempt, now=True)
+            error = self._record_failure(exc, BuildOutput(None, "", redirect=False), attempt)
+            self._event(
+                Outcome.FAILED,
+                waited,
+                build_seconds=build_seconds,
+                built_by=self.store.worker,
+                error=error.cause,
+                recovered_from=recovered,
+            )
+            raise error from None
         # Release before any bookkeeping: waiters are woken by the release, and every
         # microsecond spent here is added to each of their waits.
         self.lock.release(finished=True)
@@ -462,9 +526,27 @@ class _Fetch:
             self._confirm_held(attempt)
             raise
         published = self.layout.template_dir(self.tid)
-        if published.exists():
+        if os.path.lexists(published):
+            try:
+                self._check_ours(published)
+            except PrewarmLockError:
+                self._trash(attempt)
+                raise
             self._trash(published)  # stale: other boot, or --prewarm-rebuild
         os.rename(attempt, published)
+
+    def _check_ours(self, published: Path) -> None:
+        """A stale template is moved aside only if this user made it: never another's."""
+        info = os.lstat(published)
+        meta = self.layout.meta_file(self.tid)
+        meta_info = os.lstat(meta) if os.path.lexists(meta) else info
+        if stat.S_ISDIR(info.st_mode) and is_mine(info) and is_mine(meta_info):
+            return
+        raise PrewarmLockError(
+            f"template {self.name!r}: {published} is {kind_of(info.st_mode)} that this user "
+            "did not make (another user's, or not a template); it was neither used nor "
+            "touched. Remove it and run again."
+        )
 
     def _confirm_held(self, attempt: Path) -> None:
         try:
@@ -473,19 +555,93 @@ class _Fetch:
             self._trash(attempt)
             raise
 
-    def _record_failure(self, exc: BaseException) -> PrewarmBuildError:
-        error = PrewarmBuildError(
-            template=self.name,
-            exc_type=f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
-            exc_message=str(exc),
-            traceback_text=_builder_traceback(exc),
-            worker=self.store.worker,
-            pid=os.getpid(),
-        )
+    def _record_failure(
+        self, exc: BaseException, output: BuildOutput, attempt: Path
+    ) -> PrewarmBuildError:
+        """Record the run's failure: the log first, then the record that names it.
+
+        Every waiter builds its error from the record, so it shows what this process
+        shows. The staging paths in it are replaced by BUILD_DIR_MARK: the staging is
+        discarded, and no message names a path that is gone.
+        """
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            output.discard()  # the record needs the room; the tail stays in the error
+        scrub = _staging_scrubber(self.layout.root, attempt)
+        stderr, stdout = command_output(exc)
+        traceback_text = _builder_traceback(exc)
+        fields: dict[str, Any] = {
+            "template": self.name,
+            "exc_type": _type_name(type(exc)),
+            "exc_message": scrub(_clip(_safe_str(exc), _MAX_MESSAGE))
+            + _disk_full_hint(exc, self.layout.root),
+            "traceback_text": scrub(_clip(traceback_text, _MAX_TRACEBACK)),
+            "worker": self.store.worker,
+            "pid": os.getpid(),
+            "output": scrub(output.tail()),
+            "command_stderr": scrub(tail(stderr)),
+            "command_stdout": scrub(tail(stdout)),
+        }
+        log = None
+        if traceback_text or not output.empty or stderr.strip() or stdout.strip():
+            first = str(PrewarmBuildError(**fields)).split("\n", 1)[0]
+            log = self._save_log(output, first, traceback_text, stderr, stdout)
+        else:
+            output.discard()  # a one-line error (a value that is not JSON) needs no log
+        log_path = None if log is None else os.path.abspath(log)  # read from any cwd
+        error = PrewarmBuildError(**fields, log_path=log_path)
         path = self.layout.failure_file(self.tid, self.store.run_id)
-        path.parent.mkdir(mode=0o700, exist_ok=True)
+        make_dir(path.parent)
         write_atomic(path, failure_to_json(error))
         return error
+
+    def _capture(self, data: Path) -> BuildOutput:
+        """The build's output: a partial log in failures/, kept only if the build fails."""
+        for stale in self.layout.partial_logs(self.tid):
+            with contextlib.suppress(OSError):
+                stale.unlink()  # we hold the lock: a dead builder's
+        path = self.layout.new_partial_log(self.tid)  # if it cannot be made: no log file
+        started = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(clock.wall()))
+        header = (
+            f"pytest-prewarm: build log of template {self.name!r}, key {self.canonical}\n"
+            f"built by {self.store.worker} (pid {os.getpid()}) in run {self.store.run_id}, "
+            f"started {started}\n"
+            f"build dir: {data} (discarded if the build fails)\n"
+            "---- what the build wrote to stdout and stderr ----\n"
+        )
+        # Streams are redirected in the main thread only: see capture.py for why.
+        in_main = threading.current_thread() is threading.main_thread()
+        return BuildOutput(path, header, redirect=in_main)
+
+    def _save_log(
+        self, output: BuildOutput, first: str, traceback_text: str, stderr: str, stdout: str
+    ) -> Path | None:
+        """Complete the log with the failure in full; prune this template's old logs."""
+        final = self.layout.build_log(self.tid, self.store.run_id)
+        lines = ["", "---- end of what the build wrote ----", first]
+        if traceback_text:
+            lines.append(traceback_text.rstrip("\n"))
+        for title, text in (("stderr", stderr), ("stdout", stdout)):
+            if text.strip():
+                lines += [f"---- {title} of the failed command ----", text.rstrip("\n")]
+        try:
+            make_dir(final.parent)
+        except (OSError, LockDirError):
+            output.discard()
+            return None
+        saved = output.save(final, "\n".join(lines) + "\n")
+        if saved is not None:
+            # Keep the newest few logs of this template (concurrent runs may share the dir).
+            def age(path: Path) -> float:
+                try:
+                    return os.lstat(path).st_mtime
+                except OSError:
+                    return 0.0
+
+            older = sorted((p for p in self.layout.build_logs(self.tid) if p != saved), key=age)
+            for old in older[: max(len(older) - (LOGS_KEPT - 1), 0)]:
+                with contextlib.suppress(OSError):
+                    old.unlink()
+        return saved
 
     # -- housekeeping ------------------------------------------------------------------------
 
@@ -493,17 +649,20 @@ class _Fetch:
         # We hold the exclusive lock, so any staging of this template belongs to a builder
         # that died. Moving it aside is one rename; deleting can wait (facts: 3-4 ms saved).
         staging_root = self.layout.staging_root(self.tid)
-        staging_root.mkdir(mode=0o700, exist_ok=True)
+        make_dir(staging_root)
         for orphan in staging_root.iterdir():
             self._trash(orphan)
 
-    def _trash(self, path: Path) -> None:
+    def _trash(self, path: Path, *, now: bool = False) -> None:
         target = self.layout.trash_target(path.name)
         try:
             os.rename(path, target)
         except FileNotFoundError:
             return
-        self._to_delete.append(target)
+        if now:
+            remove_tree(target)
+        else:
+            self._to_delete.append(target)
 
     def _empty_trash(self) -> None:
         # Deleting is deferred until the lock is released: a deleting thread competes with
@@ -548,25 +707,206 @@ class _Fetch:
         )
 
 
+def _disk_full_hint(exc: BaseException, lock_dir: Path) -> str:
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return f" (the filesystem holding the lock dir {lock_dir} is full: free space there)"
+    return ""
+
+
 def _builder_traceback(exc: BaseException) -> str:
-    # The first frame is ours (the call into the builder); start at the builder's own.
-    tb = exc.__traceback__
-    if tb is not None and tb.tb_frame.f_code.co_filename == __file__ and tb.tb_next:
-        tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb))
+    """The formatted traceback of what the builder raised, without this package's frames.
+
+    "" when nothing but our frames is left: a value that is not JSON is refused by us,
+    not raised by the builder's code, and its one-line message says all there is.
+    """
+    formatted = traceback.TracebackException(type(exc), exc, exc.__traceback__, compact=True)
+    if not _without_our_frames(formatted, set()):
+        return ""
+    return "".join(formatted.format())
 
 
-def _json_round_trip(returned: Any, name: str) -> Any:
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _without_our_frames(formatted: traceback.TracebackException, seen: set[int]) -> bool:
+    """Drop this package's frames from ``formatted`` and its chain; whether any is left."""
+    kept = [f for f in formatted.stack if os.path.dirname(f.filename) != _PACKAGE_DIR]
+    formatted.stack = traceback.StackSummary.from_list(kept)
+    seen.add(id(formatted))
+    chained = [formatted.__cause__, formatted.__context__, *(formatted.exceptions or ())]
+    for other in chained:
+        if other is not None and id(other) not in seen:
+            _without_our_frames(other, seen)
+    return bool(kept)
+
+
+def _type_name(cls: type) -> str:
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return name.removeprefix("builtins.").removeprefix("pytest_prewarm.exceptions.")
+
+
+def _safe_str(exc: BaseException) -> str:
     try:
-        return json.loads(json.dumps(returned, allow_nan=False))
-    except (TypeError, ValueError) as exc:
+        return str(exc)
+    except Exception:  # a broken __str__ must not hide the failure
+        return f"<{type(exc).__name__} whose str() failed>"
+
+
+# A failure record holds the clipped texts, so it always fits what read_failure reads.
+_MAX_MESSAGE = 16 * 1024
+_MAX_TRACEBACK = 256 * 1024
+LOGS_KEPT = 5  # logs of failed builds kept per template in the lock dir
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    left_out = len(text) - 2 * half
+    return f"{text[:half]}\n[... {left_out} characters left out; the log has them]\n{text[-half:]}"
+
+
+def _staging_scrubber(root: Path, attempt: Path) -> Callable[[str], str]:
+    """Replaces the staging paths of ``attempt`` (as given, and resolved) in a text."""
+    relative = attempt.relative_to(root)
+    pairs = []
+    for base in {str(root), os.path.realpath(root)}:
+        staged = os.path.join(base, relative)
+        pairs.append((os.path.join(staged, DATA_DIR), BUILD_DIR_MARK))
+        pairs.append((staged, f"{BUILD_DIR_MARK}/.."))
+    pairs.sort(key=lambda pair: -len(pair[0]))  # the data dir before its parent
+
+    def scrub(text: str) -> str:
+        for old, new in pairs:
+            text = text.replace(old, new)
+        return text
+
+    return scrub
+
+
+_JSON_HINT = (
+    "return None, a str, int, float or bool, or a list or dict of those (an os.PathLike "
+    "is taken as its str)"
+)
+
+
+class _NotJSON(Exception):
+    """What in a builder's value is not JSON, in words; ``where`` is its subscript path."""
+
+    def __init__(self, where: str, what: str) -> None:
+        super().__init__(where, what)
+        self.where = where
+        self.what = what
+
+
+def _json_round_trip(returned: Any, name: str, moved: tuple[str, str] | None = None) -> Any:
+    """The value as every process receives it: its JSON round trip.
+
+    An os.PathLike anywhere in it becomes its str (``str(os.fspath(value))``); one inside
+    the build dir ``moved[0]`` becomes the same path inside ``moved[1]``, where the
+    template is published. Anything else that is not JSON is refused in one line naming
+    its type and where it sits.
+    """
+    convert = _ToJSON(moved)
+    try:
+        text = json.dumps(returned, allow_nan=False, default=convert.default)
+    except (TypeError, ValueError, RecursionError):
+        try:  # find what is wrong, or convert what only the slow path reaches (path keys)
+            text = json.dumps(convert.value(returned, ""), allow_nan=False)
+        except _NotJSON as exc:
+            problem = exc.what
+            if exc.where:
+                problem = f"{_type_of(returned)} whose {exc.where} is {problem}"
+        except (TypeError, ValueError, RecursionError):
+            problem = f"{_type_of(returned)} nested too deeply to be JSON-serialisable"
+        else:
+            return json.loads(text)
         raise PrewarmUsageError(
-            f"builder of template {name!r} returned {type(returned).__name__} "
-            f"{_short_repr(returned)}, which is not JSON-serialisable ({exc}); return None, "
-            "or a str/number/bool/list/dict that every worker can receive"
-        ) from exc
+            f"builder of template {name!r} returned {problem}; {_JSON_HINT}"
+        ) from None
+    return json.loads(text)
+
+
+_NOT_JSON = "which is not JSON-serialisable"
+
+
+class _ToJSON:
+    """Paths as str (moved to where the template is published), tuples as lists; raises
+    _NotJSON naming the first thing that JSON cannot hold."""
+
+    def __init__(self, moved: tuple[str, str] | None) -> None:
+        self.moves = []
+        if moved is not None:  # the build dir as given and resolved, to the published one
+            self.moves = [(old, moved[1]) for old in {moved[0], os.path.realpath(moved[0])}]
+        self.active: set[int] = set()  # containers on the way down: a cycle is an error
+
+    def path(self, value: os.PathLike[Any]) -> str | None:
+        path = os.fspath(value)
+        if not isinstance(path, str):
+            return None
+        for old, new in self.moves:
+            if path == old or path.startswith(old + os.sep):
+                return new + path[len(old) :]
+        return path
+
+    def default(self, value: Any) -> str:
+        """json.dumps's hook for what it cannot encode itself."""
+        path = self.path(value) if isinstance(value, os.PathLike) else None
+        if path is None:
+            raise TypeError(type(value).__name__)
+        return path
+
+    def value(self, value: Any, where: str) -> Any:
+        """``value`` made JSON; ``where`` is its subscript path inside the returned value."""
+        if value is None or isinstance(value, str | int):  # bool is an int
+            return value
+        if isinstance(value, float):
+            if math.isfinite(value):
+                return value
+            raise _NotJSON(where, f"float {value!r}, {_NOT_JSON} (JSON has no NaN or infinity)")
+        if isinstance(value, os.PathLike):
+            path = self.path(value)
+            if path is None:
+                raise _NotJSON(where, f"{_described(value)} of bytes, {_NOT_JSON}")
+            return path
+        if not isinstance(value, list | tuple | dict):
+            raise _NotJSON(where, f"{_described(value)}, {_NOT_JSON}")
+        if id(value) in self.active:
+            raise _NotJSON(where, f"{_type_of(value)} that contains itself, {_NOT_JSON}")
+        self.active.add(id(value))
+        try:
+            if isinstance(value, dict):
+                return {
+                    self.key(k, where): self.value(v, f"{where}[{_short_repr(k)}]")
+                    for k, v in value.items()
+                }
+            return [self.value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        finally:
+            self.active.discard(id(value))
+
+    def key(self, key: Any, where: str) -> Any:
+        if key is None or isinstance(key, str | int | float):
+            return key
+        path = self.path(key) if isinstance(key, os.PathLike) else None
+        if path is None:
+            raise _NotJSON(
+                where, f"dict with a key {_described(key)}, {_NOT_JSON} (JSON keys are strings)"
+            )
+        return path
+
+
+def _described(value: Any) -> str:
+    return f"{_type_of(value)} {_short_repr(value)}"
+
+
+def _type_of(value: Any) -> str:
+    return _type_name(type(value))
 
 
 def _short_repr(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    text = text.replace("\n", "\\n")  # the error is one line
     return text if len(text) <= 80 else text[:77] + "..."

@@ -6,6 +6,7 @@ Nothing here is autouse: a test asks for what it needs.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import signal
@@ -13,14 +14,34 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from pytest_prewarm import portable
+
 PYTHON = sys.executable
 T = TypeVar("T")
+
+# The portable code path (docs/how-it-works.md, "Platforms and filesystems"): Windows and
+# macOS take it, and PYTEST_PREWARM_PORTABLE=1 forces it on Linux. That variable is not in
+# LEAKY_ENV, so inner runs and spawned processes take the same path as this process.
+PORTABLE = portable.forced() or not sys.platform.startswith("linux")
+# The owner-record field that tells a holder from a later process with its pid, on this path.
+START_FIELD = "create_time" if PORTABLE else "start_ticks"
+
+
+def linux_proc_only(fact: str) -> pytest.MarkDecorator:
+    """Skip under the forced portable path a test that asserts ``fact``, a Linux /proc fact
+    (start ticks, PF_EXITING, /proc/PID/stat fields) that the portable path does not use."""
+    return pytest.mark.skipif(
+        portable.forced(),
+        reason=f"asserts {fact}; the portable path (PYTEST_PREWARM_PORTABLE=1) does not use it",
+    )
+
 
 # Environment a nested pytest must not inherit from an outer xdist worker or the user.
 LEAKY_ENV = (
@@ -31,18 +52,29 @@ LEAKY_ENV = (
     "PYTEST_PLUGINS",
     "PYTEST_DISABLE_PLUGIN_AUTOLOAD",
 )
+# What a nested pytest gets instead of the user's PYTEST_ADDOPTS. No inner suite uses
+# hypothesis, and its pytest plugin imports all of hypothesis in every process for its
+# terminal summary: about 0.6 s of CPU per process, and an inner run on 8 workers is 9.
+INNER_ADDOPTS = "-p no:hypothesispytest"
 
 
 def env_without_leaks() -> dict[str, str]:
-    """os.environ without what a nested pytest must not inherit (see LEAKY_ENV)."""
-    return {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
+    """os.environ for a nested pytest: without LEAKY_ENV, with INNER_ADDOPTS."""
+    env = {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
+    env["PYTEST_ADDOPTS"] = INNER_ADDOPTS
+    return env
+
+
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in LEAKY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PYTEST_ADDOPTS", INNER_ADDOPTS)
 
 
 @pytest.fixture
 def no_leaky_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Remove LEAKY_ENV from the environment for one test (inner pytester runs)."""
-    for name in LEAKY_ENV:
-        monkeypatch.delenv(name, raising=False)
+    """Make os.environ what env_without_leaks() returns, for one test (inner pytester runs)."""
+    _clean_env(monkeypatch)
 
 
 def wait_until(
@@ -110,7 +142,7 @@ class Processes:
         self, argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
     ) -> Proc:
         log = self._log_dir / f"proc-{len(self._procs)}.log"
-        full_env = {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
+        full_env = env_without_leaks()
         full_env.update(env or {})
         with open(log, "wb") as out:
             popen = subprocess.Popen(
@@ -327,11 +359,114 @@ def suite(
     pytester: pytest.Pytester, processes: Processes, monkeypatch: pytest.MonkeyPatch
 ) -> Suite:
     """An inner suite with ``prewarm_probe`` importable; runs in subprocesses only."""
-    for name in LEAKY_ENV:
-        monkeypatch.delenv(name, raising=False)
+    _clean_env(monkeypatch)
     return Suite(pytester, processes, monkeypatch)
 
 
 def template_ids(lock_dir: Path) -> list[str]:
     """Ids of the templates that have a lock file in ``lock_dir``."""
     return sorted(p.name.removesuffix(".lock") for p in (lock_dir / "locks").glob("*.lock"))
+
+
+# -- The fast tier -------------------------------------------------------------------------
+#
+# `pytest -m "not slow"` is the fast tier: the tests that stay in this process, or start
+# nothing heavier than a short-lived child. A test is marked ``slow`` by rule, never by hand:
+#
+# - it asks (directly or through other fixtures) for a fixture in SLOW_FIXTURES, which exist
+#   to run inner suites and other programs in fresh processes (a module whose every test runs
+#   inner sessions asks for ``no_leaky_env`` from an autouse fixture), or
+# - its code, the code of a fixture of this suite it uses, or the code of a function or
+#   class of this suite that those name, refers to a name in SLOW_NAMES: the ways of starting
+#   a nested pytest.
+SLOW_FIXTURES = frozenset({"suite", "processes", "no_leaky_env"})
+SLOW_NAMES = frozenset({"runpytest_subprocess", "spawn_pytest", "env_without_leaks"})
+TESTS_DIR = Path(__file__).resolve().parent
+_CONFTEST = Path(__file__).resolve()
+
+
+def _in_suite(obj: object) -> Path | None:
+    """The file under tests/ (other than this one) that defines ``obj``, else None."""
+    try:
+        path = Path(inspect.getfile(obj)).resolve()  # type: ignore[arg-type]
+    except (TypeError, OSError):
+        return None
+    return path if path.is_relative_to(TESTS_DIR) and path != _CONFTEST else None
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _starts_pytest(obj: object, scope: dict[str, Any], seen: set[int]) -> bool:
+    """Whether ``obj`` (a function or class of this suite), or what it names, is in SLOW_NAMES."""
+    if id(obj) in seen or _in_suite(obj) is None:
+        return False
+    seen.add(id(obj))
+    if inspect.isclass(obj):
+        return any(_starts_pytest(v, scope, seen) for v in vars(obj).values())
+    func = inspect.unwrap(getattr(obj, "__func__", obj))  # type: ignore[arg-type]
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return False
+    names = _code_names(code)
+    if names & SLOW_NAMES:
+        return True
+    scope = {**getattr(func, "__globals__", {}), **scope}
+    return any(_starts_pytest(scope[n], scope, seen) for n in names if n in scope)
+
+
+def _fixture_defs(item: pytest.Item) -> dict[str, Any]:
+    info = getattr(item, "_fixtureinfo", None)
+    return dict(info.name2fixturedefs) if info is not None else {}
+
+
+def _is_slow(item: pytest.Item) -> bool:
+    if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        return True
+    obj = getattr(item, "obj", None)
+    cls = getattr(item, "cls", None)
+    scope = dict(vars(cls)) if cls is not None else {}
+    funcs = [obj] + [defs[-1].func for defs in _fixture_defs(item).values() if defs]
+    return any(_starts_pytest(f, scope, set()) for f in funcs if f is not None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def pytester(
+    pytester: pytest.Pytester, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> pytest.Pytester:
+    """The builtin ``pytester``, whose pytest subprocesses get INNER_ADDOPTS and no LEAKY_ENV.
+
+    The builtin discards PYTEST_ADDOPTS; a ``runpytest_subprocess`` run where it is still
+    unset gets INNER_ADDOPTS. An inner run that inherited PYTEST_XDIST_WORKER from an outer
+    xdist worker would take itself for that worker: the test fails at once instead, saying
+    what to ask for.
+    """
+    run = pytester.runpytest_subprocess
+
+    def checked(*args: Any, **kwargs: Any) -> pytest.RunResult:
+        leaks = [n for n in LEAKY_ENV if n != "PYTEST_ADDOPTS" and n in os.environ]
+        if leaks:
+            pytest.fail(
+                f"{request.node.nodeid}: an inner pytest would inherit {', '.join(leaks)}; "
+                "ask for the no_leaky_env fixture (or suite), see conftest.LEAKY_ENV",
+                pytrace=False,
+            )
+        with monkeypatch.context() as patch:
+            if "PYTEST_ADDOPTS" not in os.environ:
+                patch.setenv("PYTEST_ADDOPTS", INNER_ADDOPTS)
+            return run(*args, **kwargs)
+
+    pytester.runpytest_subprocess = checked  # type: ignore[method-assign]
+    return pytester

@@ -17,8 +17,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pytest_prewarm"
 # Lowest first. A module may import modules of lower layers only (function-level, lazy
 # imports included); docs/architecture.md draws the same picture.
 LAYERS: list[set[str]] = [
-    {"_version", "clock", "kinds", "exceptions", "console", "portable"},
-    {"names", "files"},
+    {"_version", "clock", "kinds", "exceptions", "console", "portable", "capture"},
+    {"names", "trust", "fstype"},
+    {"files"},
     {"owner"},
     {"liveness", "records"},
     {"layout"},

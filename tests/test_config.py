@@ -169,6 +169,7 @@ def _read_only_runner() -> list[str] | None:
     return [unshare, "-m", "--propagation", "private", "sh", "-c", script]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits and mounts")
 @pytest.mark.parametrize("inside", [False, True], ids=["the-dir", "a-subdir"])
 def test_lock_dir_on_a_read_only_filesystem_is_a_usage_error(pytester, processes, inside):
     runner = _read_only_runner()
@@ -210,6 +211,7 @@ def test_lock_dir_on_a_read_only_filesystem_is_a_usage_error(pytester, processes
     assert list(read_only.iterdir()) == []
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 def test_lock_dir_is_created_owner_only(pytester):
     lock_dir = pytester.path / "new" / "locks"
 

@@ -16,6 +16,8 @@ from pytest_prewarm.request import Request, TemplateStore
 FILES = 40
 KILL_AFTER = 15  # the first attempt dies after writing this many files (+1)
 
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="builders are killed with SIGKILL")
+
 # The first attempt (by the counter) SIGKILLs its own worker half-way through writing.
 # Every attempt records whether its staging dir was empty and which attempts sat beside it.
 KILL_CONFTEST = f"""

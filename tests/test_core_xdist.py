@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import START_FIELD
 
 # The builder counts its attempt, keeps a copy of the owner record as it is mid-build,
 # waits until PREWARM_TEST_EXPECT processes have asked for the template (so they are
@@ -178,9 +180,13 @@ def test_concurrent_runs_sharing_a_lock_dir_build_once(suite, runs):
     check_seen(seen, count=2 * runs, builder="main")
     builder_pid = attempts[0]["pid"]
     assert {r["pid"] for r in seen} == {p.pid for p in procs}
-    # Another run's build counts as "reused": "waited" is for builds of the same run.
+    # Another run's build is "waited" for by a run that asked while it ran, and "reused"
+    # by one whose request came after publication (the barrier only orders announcements).
     for r in seen:
-        assert r["origin"] == ("built" if r["pid"] == builder_pid else "reused"), r
+        if r["pid"] == builder_pid:
+            assert r["origin"] == "built", r
+        else:
+            assert r["origin"] in ("waited", "reused"), r
 
 
 def test_default_lock_dir_is_shared_by_the_workers_of_a_run_and_removed_after_it(suite):
@@ -213,6 +219,7 @@ def test_default_lock_dir_is_shared_by_the_workers_of_a_run_and_removed_after_it
     assert tops[0] != tops[1]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc's boot id")
 def test_owner_record_names_the_builder_while_it_builds_and_the_template_names_the_hold(suite):
     suite.write(conftest=CONFTEST, test_db=TESTS)
 
@@ -224,7 +231,7 @@ def test_owner_record_names_the_builder_while_it_builds_and_the_template_names_t
     held = json.loads(during["owner"])
     for field in (
         "pid",
-        "start_ticks",
+        START_FIELD,  # start_ticks, or create_time on the portable path
         "boot_id",
         "pid_ns",
         "hostname",

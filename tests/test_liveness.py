@@ -23,6 +23,7 @@ from typing import Any
 
 import psutil
 import pytest
+from conftest import linux_proc_only
 
 from pytest_prewarm import liveness
 from pytest_prewarm.liveness import HostIdentity, Liveness, Verdict
@@ -55,6 +56,8 @@ from pytest_prewarm.files import write_atomic
 from pytest_prewarm.owner import OwnerRecord, parse_record
 
 def record_for(pid, ticks, here, create_time=None):
+    if create_time is None and ticks is not None:  # psutil's create_time on Linux
+        create_time = ticks / os.sysconf("SC_CLK_TCK") + psutil.boot_time()
     return OwnerRecord(pid=pid, hostname=here.hostname, boot_id=here.boot_id,
                        pid_ns=here.pid_ns, start_ticks=ticks, create_time=create_time,
                        worker="child", run_id="run", started_at=0.0)
@@ -258,6 +261,14 @@ def proc_state(pid: int) -> str | None:
     return text.rpartition(")")[2].split()[0]
 
 
+def created_at(ticks: int | None) -> float | None:
+    """psutil's create_time on Linux for a process started at ``ticks``: both start times
+    of a record then name one process, so a test reads the same on either code path."""
+    if ticks is None:
+        return None
+    return ticks / os.sysconf("SC_CLK_TCK") + psutil.boot_time()
+
+
 def record_for(
     pid: int, ticks: int | None, here: HostIdentity | None = None, **overrides: Any
 ) -> OwnerRecord:
@@ -268,7 +279,7 @@ def record_for(
         boot_id=here.boot_id,
         pid_ns=here.pid_ns,
         start_ticks=ticks,
-        create_time=None,
+        create_time=created_at(ticks),
         worker="gw0",
         run_id="run",
         started_at=0.0,
@@ -399,6 +410,7 @@ def in_new_pid_ns(*argv: str, proc: bool = True) -> list[str]:
 # Same host, same boot, same pid namespace: the verdict is decided by the process itself.
 
 
+@linux_proc_only("that own_identity() records /proc start ticks")
 def test_own_identity_matches_proc() -> None:
     pid, ticks, create_time = liveness.own_identity()
     assert pid == os.getpid()
@@ -488,7 +500,8 @@ def test_live_pid_with_another_start_time_is_a_reused_pid(procs: Procs) -> None:
 
 
 def test_own_pid_with_another_start_time_is_a_reused_pid() -> None:
-    pid, ticks, _ = liveness.own_identity()
+    pid = os.getpid()
+    ticks = liveness.start_ticks(pid)  # what own_identity() records where it records ticks
     assert ticks is not None
     verdict = liveness.classify(record_for(pid, ticks + 12345))
     assert verdict.state is DEAD
@@ -526,7 +539,8 @@ FOREIGN_RECORDS: dict[str, Callable[[HostIdentity], dict[str, Any]]] = {
     "no boot id": lambda here: {"boot_id": None},
     "other pid namespace": lambda here: {"pid_ns": (here.pid_ns or 0) + 1},
     "no pid namespace": lambda here: {"pid_ns": None},
-    "no start ticks": lambda here: {"start_ticks": None},
+    # Neither start time: which one identifies the process depends on the code path.
+    "no start ticks": lambda here: {"start_ticks": None, "create_time": None},
 }
 
 # What the local side may fail to know.

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import START_FIELD
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,6 +40,10 @@ from pytest_prewarm.owner import (
 linux_only = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="proving death needs Linux /proc"
 )
+
+NEEDS_FIFOS = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs (Windows)")
+# Creating a symlink on Windows needs a privilege (or developer mode) that CI lacks.
+NEEDS_SYMLINKS = pytest.mark.skipif(os.name != "posix", reason="symlinks need privileges")
 
 FUZZ = settings(
     max_examples=200,
@@ -75,7 +80,7 @@ def here() -> HostIdentity:
 @pytest.fixture(scope="module")
 def dead_pid() -> tuple[int, int]:
     """(pid, start ticks) of a child that has exited and been reaped."""
-    child = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"])
     try:
         ticks = liveness.start_ticks(child.pid)
     finally:
@@ -118,8 +123,18 @@ def same_local_identity(record: OwnerRecord, here: HostIdentity) -> bool:
         and record.boot_id == here.boot_id
         and record.pid_ns is not None
         and record.pid_ns == here.pid_ns
-        and record.start_ticks is not None
+        and getattr(record, START_FIELD) is not None
     )
+
+
+def own_start() -> tuple[int, int | float | None]:
+    """(pid, start time) of this process, the start time in the field of this code path."""
+    pid, ticks, created = liveness.own_identity()
+    return pid, created if START_FIELD == "create_time" else ticks
+
+
+def start_of(record: OwnerRecord) -> tuple[int, int | float | None]:
+    return record.pid, getattr(record, START_FIELD)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +305,7 @@ def test_missing_optional_fields_still_parse(field: str) -> None:
 
 
 @linux_only
-@pytest.mark.parametrize("field", ["hostname", "boot_id", "pid_ns", "start_ticks"])
+@pytest.mark.parametrize("field", ["hostname", "boot_id", "pid_ns", START_FIELD])
 @pytest.mark.parametrize("how", ["missing", "null"])
 def test_missing_identity_field_makes_a_dead_pid_unknown(
     field: str, how: str, here: HostIdentity, dead_pid: tuple[int, int]
@@ -339,7 +354,7 @@ odd_ints = st.sampled_from([0, -1, 1, 2, MAX_PID, MAX_PID + 1, 2**31 - 1, 2**31,
 def record_dicts(draw: st.DrawFn, here: HostIdentity, dead: tuple[int, int]) -> dict[str, Any]:
     """Record-shaped dicts: a plausible record (often of this host, often of our own or a dead
     pid) with a few fields then replaced by arbitrary JSON or removed."""
-    own_pid, own_ticks, _ = liveness.own_identity()
+    own_pid, own_ticks, own_created = liveness.own_identity()
     record = draw(
         st.fixed_dictionaries(
             {
@@ -348,7 +363,7 @@ def record_dicts(draw: st.DrawFn, here: HostIdentity, dead: tuple[int, int]) -> 
                 "boot_id": st.just(here.boot_id) | st.text(max_size=40),
                 "pid_ns": st.just(here.pid_ns) | st.integers(0, 2**32),
                 "start_ticks": st.sampled_from([own_ticks, dead[1]]) | st.integers(-1, 2**64),
-                "create_time": st.none() | st.floats(),
+                "create_time": st.none() | st.just(own_created) | st.floats(),
                 "started_at": st.floats() | st.integers(),
                 "worker": st.text(max_size=10),
                 "run_id": st.text(max_size=10),
@@ -374,11 +389,7 @@ def check_classification(record: OwnerRecord | None, here: HostIdentity) -> Live
     assert_well_typed(record)
     if not same_local_identity(record, here):
         assert verdict.state is Liveness.UNKNOWN, (record, verdict)
-    own_pid, own_ticks, _ = liveness.own_identity()
-    if same_local_identity(record, here) and (record.pid, record.start_ticks) == (
-        own_pid,
-        own_ticks,
-    ):
+    if same_local_identity(record, here) and start_of(record) == own_start():
         assert verdict.state is Liveness.ALIVE, (record, verdict)
     return verdict.state
 
@@ -413,7 +424,7 @@ def test_fuzz_record_shaped_dicts(
     state = check_classification(record, here)
     if state is Liveness.DEAD:
         assert same_local_identity(record, here)
-        assert (record.pid, record.start_ticks) != liveness.own_identity()[:2]
+        assert start_of(record) != own_start()
 
 
 @FUZZ
@@ -503,6 +514,7 @@ def test_huge_file_is_not_read(
     assert sum(requested) <= MAX_RECORD_BYTES + 1
 
 
+@NEEDS_SYMLINKS
 def test_symlink_to_a_valid_record_outside_is_not_followed(
     tmp_path: Path, record_text: str
 ) -> None:
@@ -520,6 +532,7 @@ def test_symlink_to_a_valid_record_outside_is_not_followed(
     assert read_record(relative) is None
 
 
+@NEEDS_SYMLINKS
 def test_symlink_inside_the_dir_and_dangling_symlink_are_none(
     tmp_path: Path, record_text: str
 ) -> None:
@@ -548,12 +561,14 @@ def read_in_thread(path: Path, unblock: Path) -> OwnerRecord | None:
     return result[0]
 
 
+@NEEDS_FIFOS
 def test_fifo_does_not_block(tmp_path: Path) -> None:
     fifo = tmp_path / "owner.json"
     os.mkfifo(fifo)
     assert read_in_thread(fifo, fifo) is None
 
 
+@NEEDS_FIFOS
 def test_fifo_with_a_silent_writer_does_not_block(tmp_path: Path) -> None:
     fifo = tmp_path / "owner.json"
     os.mkfifo(fifo)
@@ -566,6 +581,7 @@ def test_fifo_with_a_silent_writer_does_not_block(tmp_path: Path) -> None:
         os.close(reader)
 
 
+@NEEDS_FIFOS
 def test_symlink_to_a_fifo_outside_does_not_block(tmp_path: Path) -> None:
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)

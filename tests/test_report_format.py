@@ -342,3 +342,13 @@ def test_a_name_found_published_by_an_earlier_run_is_reused_in_json() -> None:
     (entry,) = report.to_json(events, {})["templates"]
     assert entry["outcome"] == "reused"
     assert [w["outcome"] for w in entry["waits"]] == ["reused"]
+
+
+def test_a_worker_that_waited_for_a_killed_builder_and_took_over_counts_as_waiting() -> None:
+    dead = "gw0, pid 4100: dead, no such process"
+    events = [
+        built("db", "gw1", 1.0, recovered_from=dead, wait_seconds=3.5),
+        waited("db", "gw2", 4.0, built_by="gw1"),
+    ]
+    lines = report.format_summary(events, verbosity=-1)
+    assert lines[0] == "db  built by gw1 in 1.00 s; 2 waited, longest 4.00 s, total 7.50 s"

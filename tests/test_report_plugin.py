@@ -649,6 +649,7 @@ CRASH_SURVIVES = """
 """
 
 
+@pytest.mark.skipif(os.name != "posix", reason="the inner worker kills itself with SIGKILL")
 def test_a_worker_killed_after_building_still_shows_in_the_summary(
     pytester: pytest.Pytester,
 ) -> None:

@@ -265,6 +265,7 @@ def test_errors_survive_pickling_across_processes():
     )
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 def test_the_store_creates_its_directories_owner_only(tmp_path):
     lock_dir = tmp_path / "locks-root"
 

@@ -1,0 +1,128 @@
+"""Is this path ours? Ownership, mode and type checks, and removal that never follows a link.
+
+A lock dir may sit in a shared place (/tmp, a CI cache mount) where another local user can
+create names. Everything the plugin opens there is therefore checked: a directory of the
+layout must be a real directory (not a symlink) owned by the running user and not
+writable by others (unless sticky, as /tmp is); a record or template must belong to the
+running user. Inside directories that pass, nobody else can plant anything.
+
+Where the platform has no user ids (Windows), ownership is not checked; the docs say so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from .exceptions import LockDirError
+
+_HAS_UIDS = hasattr(os, "geteuid")
+
+
+def my_uid() -> int | None:
+    return os.geteuid() if _HAS_UIDS else None
+
+
+def owner_name(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def is_mine(info: os.stat_result) -> bool:
+    """Whether the file described by ``info`` belongs to the running user."""
+    return not _HAS_UIDS or info.st_uid == os.geteuid()
+
+
+def kind_of(mode: int) -> str:
+    """Words for a file type: "a symbolic link", "a FIFO", "a directory"..."""
+    for test, words in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISREG, "a regular file"),
+    ):
+        if test(mode):
+            return words
+    return "a special file"
+
+
+def dir_problem(path: Path, *, shared_ok: bool = False) -> str | None:
+    """Why ``path`` is not a directory we may use, or None (missing counts as fine).
+
+    ``shared_ok``: a sticky directory writable by others (like /tmp) is acceptable; only
+    the lock dir itself may be one. Inside it, every directory is ours alone.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{path} is {kind_of(info.st_mode)}, where a directory should be"
+    mode = stat.S_IMODE(info.st_mode)
+    if not is_mine(info):
+        return (
+            f"{path} belongs to {owner_name(info.st_uid)}, not to the user running pytest "
+            f"({owner_name(os.geteuid())}); mode {mode:04o}"
+        )
+    if mode & (stat.S_IWGRP | stat.S_IWOTH) and not (shared_ok and mode & stat.S_ISVTX):
+        sticky = "" if shared_ok else " (only the lock dir itself may be shared, if sticky)"
+        return (
+            f"{path} is writable by other users (mode {mode:04o}{sticky}), so they could "
+            f"plant files in it; run: chmod go-w {path}"
+        )
+    return None
+
+
+def check_dir(path: Path, *, shared_ok: bool = False) -> None:
+    """Raise LockDirError when ``path`` exists and is not a directory we may use."""
+    problem = dir_problem(path, shared_ok=shared_ok)
+    if problem is not None:
+        raise LockDirError(
+            f"{problem}. pytest-prewarm uses only directories of its own user that others "
+            "cannot write to; nothing was changed. Fix it, or use another --prewarm-lock-dir."
+        )
+
+
+def make_dir(path: Path) -> None:
+    """Create ``path`` (owner-only) unless it exists, then check that it is ours."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    check_dir(path)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove the tree at ``path`` without following a symlink anywhere in it.
+
+    A symlink given as ``path`` itself is unlinked, never followed. Where rmtree cannot
+    resist symlink attacks (no fd-based version), the tree is walked by hand with lstat.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(info.st_mode):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    if shutil.rmtree.avoids_symlink_attacks:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for root, dirs, files in os.walk(path, topdown=False, followlinks=False):  # pragma: no cover
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(root, name))
+        for name in dirs:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(root, name))
+    with contextlib.suppress(OSError):  # pragma: no cover
+        os.rmdir(path)

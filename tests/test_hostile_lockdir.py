@@ -1,0 +1,551 @@
+"""The lock dir is ours alone: careless and hostile lock dirs lose no data and never hang.
+
+Every case runs a real pytest (in a subprocess, bounded) against a lock dir that a careless
+user pointed at the wrong place, or that another local user (made with ``useradd``) has
+prepared. Each checks that nothing outside the lock dir changed (a checksum of a victim
+tree before and after), that nothing foreign was served, and that the run ended in time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import env_without_leaks, wait_until
+
+from pytest_prewarm.layout import TAG_FILE, Layout, template_id
+from pytest_prewarm.names import canonical_key
+
+OTHER_USER = "prewarm-other"
+
+CONFTEST = """
+    import json
+    import os
+    import threading
+    from pathlib import Path
+
+    import pytest
+
+    LOG = Path(os.environ["HOSTILE_LOG"])
+
+
+    def build(path):
+        with open(LOG, "a") as handle:
+            handle.write(json.dumps({"pid": os.getpid()}) + "\\n")
+        mode = os.environ.get("HOSTILE_BUILD", "ok")
+        if mode == "fill":
+            # Write until the filesystem is full: the build fails with ENOSPC.
+            with open(path / "big.bin", "wb") as out:
+                while True:
+                    out.write(b"x" * 65536)
+                    out.flush()
+        if mode == "slow":
+            Path(os.environ["HOSTILE_STARTED"]).touch()
+            threading.Event().wait()  # a build that never ends on its own
+        (path / "data.txt").write_text("genuine")
+        return "genuine"
+
+
+    @pytest.fixture(scope="session")
+    def tmpl(prewarmed_template):
+        return prewarmed_template("db", build)
+"""
+
+TESTS = """
+    import pytest
+
+
+    @pytest.mark.parametrize("i", range(4))
+    def test_uses_template(tmpl, i):
+        assert (tmpl.path / "data.txt").read_text() == "genuine"
+        assert tmpl.value == "genuine"
+"""
+
+
+def tree_digest(path: Path) -> str:
+    """A checksum of every name, type, mode and content under ``path`` (links not followed)."""
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path, followlinks=False):
+        for name in sorted(dirs + files):
+            full = Path(root, name)
+            info = os.lstat(full)
+            digest.update(f"{full.relative_to(path)}:{info.st_mode}:{info.st_uid}".encode())
+            if stat.S_ISLNK(info.st_mode):
+                digest.update(os.readlink(full).encode())
+            elif stat.S_ISREG(info.st_mode):
+                digest.update(full.read_bytes())
+        dirs.sort()
+    return digest.hexdigest()
+
+
+class Hostile:
+    """A suite, a victim tree beside it, and bounded pytest runs against a chosen lock dir."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.suite = root / "suite"
+        self.suite.mkdir()
+        (self.suite / "conftest.py").write_text(textwrap.dedent(CONFTEST))
+        (self.suite / "test_use.py").write_text(textwrap.dedent(TESTS))
+        self.log = root / "builds.jsonl"
+        self.victim = root / "victim"
+        (self.victim / "trash" / "keep").mkdir(parents=True)
+        (self.victim / "trash" / "keep" / "precious.txt").write_text("do not delete")
+        (self.victim / "notes.txt").write_text("mine")
+        self.victim_digest = tree_digest(self.victim)
+
+    def builds(self) -> int:
+        return len(self.log.read_text().splitlines()) if self.log.exists() else 0
+
+    def popen(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        full = env_without_leaks()
+        full.update(HOSTILE_LOG=str(self.log), **(env or {}))
+        return subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(self.suite), *args],
+            cwd=self.root,
+            env=full,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    def run(
+        self, *args: str, env: dict[str, str] | None = None, bound: float = 60
+    ) -> tuple[int, str, float]:
+        """(exit code, output, seconds); a run past ``bound`` is killed and fails the test."""
+        started = time.monotonic()
+        proc = self.popen(*args, env=env)
+        try:
+            out, _ = proc.communicate(timeout=bound)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            pytest.fail(f"the run did not end within {bound} s:\n{out}")
+        return proc.returncode, out, time.monotonic() - started
+
+    def victim_untouched(self) -> bool:
+        return tree_digest(self.victim) == self.victim_digest
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> Hostile:
+    return Hostile(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def other_user() -> pwd.struct_passwd:
+    """A second local user, created for these tests where possible."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a second user needs root")
+    try:
+        return pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        pass
+    useradd = shutil.which("useradd")
+    if useradd is None:
+        pytest.skip("useradd(8) is not installed")
+    made = subprocess.run(
+        [useradd, "-M", "-s", "/usr/sbin/nologin", OTHER_USER], capture_output=True, check=False
+    )
+    if made.returncode != 0:
+        pytest.skip(f"useradd failed: {made.stderr.decode(errors='replace').strip()}")
+    return pwd.getpwnam(OTHER_USER)
+
+
+def db_tid() -> str:
+    return template_id("db", canonical_key(None, name="db"))
+
+
+# -- a lock dir pointed at the wrong place --------------------------------------------------
+
+
+def test_a_non_empty_directory_without_the_tag_is_refused_and_left_untouched(hostile):
+    code, out, _ = hostile.run("--prewarm-lock-dir", str(hostile.victim))
+
+    assert code == 4, out  # a usage error, at start-up
+    assert f"lock dir {str(hostile.victim)!r} is not empty (notes.txt, trash)" in out
+    assert "nothing in it was touched" in out
+    assert hostile.victim_untouched()
+    assert hostile.builds() == 0
+
+
+@pytest.mark.parametrize("value", ["", "   ", "/", "."])
+def test_an_empty_value_the_root_and_the_rootdir_are_refused(hostile, value):
+    (hostile.suite / "pytest.ini").write_text("[pytest]\n")  # the suite is the rootdir
+    code, out, _ = hostile.run(f"--prewarm-lock-dir={value}")
+
+    assert code == 4, out
+    expected = {"": "is empty", "   ": "is empty", "/": "is the root /", ".": "is the rootdir"}
+    assert expected[value] in out
+    assert "pass a directory of its own" in out
+    assert hostile.builds() == 0
+
+
+def test_an_empty_directory_is_adopted_and_marked(hostile):
+    empty = hostile.root / "empty"
+    empty.mkdir()
+
+    code, out, _ = hostile.run("-n", "2", "--prewarm-lock-dir", str(empty))
+
+    assert code == 0, out
+    assert (empty / TAG_FILE).read_text().startswith("Signature: pytest-prewarm lock dir")
+    assert hostile.builds() == 1
+    again, out, _ = hostile.run("--prewarm-lock-dir", str(empty))  # ours now: reused
+    assert again == 0, out
+    assert hostile.builds() == 1
+
+
+def test_a_lock_dir_of_the_earlier_version_without_a_tag_is_adopted(hostile):
+    legacy = hostile.root / "legacy"
+    for sub in ("locks", "staging", "templates", "failures", "trash"):
+        (legacy / sub).mkdir(parents=True, mode=0o700)
+    (legacy / "lock-mode").write_text("flock\n")
+
+    code, out, _ = hostile.run("--prewarm-lock-dir", str(legacy))
+
+    assert code == 0, out
+    assert (legacy / TAG_FILE).is_file()
+
+
+# -- another user ---------------------------------------------------------------------------
+
+
+def test_a_lock_dir_of_another_user_is_refused_naming_owner_and_mode(hostile, other_user):
+    theirs = hostile.root / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, other_user.pw_uid, other_user.pw_gid)
+
+    code, out, _ = hostile.run("--prewarm-lock-dir", str(theirs))
+
+    assert code == 4, out
+    assert f"{theirs} belongs to {OTHER_USER} (uid {other_user.pw_uid})" in out
+    assert "mode 0755" in out
+    assert list(theirs.iterdir()) == []
+
+
+def test_a_world_writable_lock_dir_without_the_sticky_bit_is_refused(hostile):
+    shared = hostile.root / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+
+    code, out, _ = hostile.run("--prewarm-lock-dir", str(shared))
+
+    assert code == 4, out
+    assert f"{shared} is writable by other users (mode 0777)" in out
+    assert f"chmod go-w {shared}" in out
+
+
+def test_a_symlink_planted_in_a_shared_sticky_lock_dir_is_refused_not_followed(hostile, other_user):
+    shared = hostile.root / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: anyone may create names, nobody may remove others'
+    (shared / TAG_FILE).write_text("Signature: pytest-prewarm lock dir\n")
+    # The other user plants "locks" as a link to the victim's tree before our first run.
+    (shared / "locks").symlink_to(hostile.victim)
+    os.lchown(shared / "locks", other_user.pw_uid, other_user.pw_gid)
+
+    code, out, _ = hostile.run("--prewarm-lock-dir", str(shared))
+
+    assert code != 0
+    assert f"{shared / 'locks'} is a symbolic link, where a directory should be" in out
+    assert hostile.victim_untouched()
+    assert hostile.builds() == 0
+
+
+def test_a_template_planted_by_another_user_is_never_served(hostile, other_user):
+    lock_dir = hostile.root / "locks"
+    first, out, _ = hostile.run("--prewarm-lock-dir", str(lock_dir))
+    assert first == 0, out
+    meta = Layout(lock_dir).meta_file(db_tid())
+    data = Layout(lock_dir).data_dir(db_tid()) / "data.txt"
+    # Replace the published template by the other user's: same boot id, other data.
+    doc = json.loads(meta.read_text())
+    doc["value"] = "planted"
+    meta.write_text(json.dumps(doc))
+    data.write_text("planted")
+    for path in (meta, data):
+        os.chown(path, other_user.pw_uid, other_user.pw_gid)
+
+    code, out, _ = hostile.run("--prewarm-lock-dir", str(lock_dir))
+
+    # Not served: the tests would fail on "planted". Not moved or deleted either.
+    assert code == 1, out
+    assert "that this user did not make" in out
+    assert "it was neither used nor touched" in out
+    assert data.read_text() == "planted"
+    assert json.loads(meta.read_text())["value"] == "planted"
+    assert list(Layout(lock_dir).staging_root(db_tid()).iterdir()) == []  # discarded
+
+
+# -- special files where records should be ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink"])
+def test_a_special_file_at_the_lock_file_fails_fast_with_its_own_words(hostile, kind):
+    lock_dir = hostile.root / "locks"
+    assert hostile.run("--prewarm-lock-dir", str(lock_dir))[0] == 0
+    shutil.rmtree(Layout(lock_dir).template_dir(db_tid()))
+    lock = Layout(lock_dir).lock_file(db_tid())
+    lock.unlink()
+    if kind == "fifo":
+        os.mkfifo(lock)
+    elif kind == "directory":
+        lock.mkdir()
+    else:
+        lock.symlink_to(hostile.victim / "notes.txt")
+
+    code, out, seconds = hostile.run("-n", "2", "--prewarm-lock-dir", str(lock_dir), bound=60)
+
+    words = {"fifo": "a FIFO", "directory": "a directory", "symlink": "a symbolic link"}[kind]
+    assert code == 1, out
+    assert f"the lock file {lock} is {words}, not a lock file pytest-prewarm made" in out
+    assert "does not support flock" not in out
+    assert hostile.victim_untouched()
+    assert seconds < 30
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_special_file_at_the_owner_record_never_blocks_and_releases_the_lock(hostile, kind):
+    lock_dir = hostile.root / "locks"
+    assert hostile.run("--prewarm-lock-dir", str(lock_dir))[0] == 0
+    shutil.rmtree(Layout(lock_dir).template_dir(db_tid()))
+    owner = Layout(lock_dir).owner_file(db_tid())
+    owner.unlink()
+    os.mkfifo(owner) if kind == "fifo" else owner.mkdir()
+
+    code, out, seconds = hostile.run("-n", "2", "--prewarm-lock-dir", str(lock_dir))
+
+    if kind == "fifo":
+        # A FIFO is not a record: it reads as "no record" and is replaced by ours.
+        assert code == 0, out
+        assert hostile.builds() == 2
+    else:
+        # Every worker fails at once with the cause; none waits for a lock left held.
+        assert code == 1, out
+        assert f"cannot write the owner record {owner}" in out
+        assert "it is a directory" in out
+        assert "the lock was released" in out
+        assert "timed out" not in out
+    assert seconds < 30
+
+
+# -- a stale record of a live process ---------------------------------------------------------
+
+
+def test_a_held_record_naming_another_live_process_does_not_block_on_a_local_filesystem(
+    hostile, processes
+):
+    lock_dir = hostile.root / "locks"
+    assert hostile.run("--prewarm-lock-dir", str(lock_dir))[0] == 0
+    shutil.rmtree(Layout(lock_dir).template_dir(db_tid()))
+    # A live process that does not hold the lock, named by a record that says "held".
+    code = (
+        "import json, sys, time\n"
+        "from pytest_prewarm.liveness import own_record\n"
+        "print(own_record('gw7', 'other-run').to_json(), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    sleeper = processes.spawn([sys.executable, "-c", code])
+    record = wait_until(lambda: sleeper.output().strip(), what="the sleeper's record")
+    Layout(lock_dir).owner_file(db_tid()).write_text(record)
+
+    run, out, _ = hostile.run("--prewarm-lock-dir", str(lock_dir), "-v")
+
+    assert run == 0, out
+    assert "--prewarm-lock-mode lease" not in out
+    reclaimed = f"reclaimed the lock from gw7, pid {sleeper.pid}: alive, running"
+    assert f"{reclaimed}, but it does not hold the lock" in out
+
+
+# -- bounds ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["--prewarm-timeout", "--prewarm-notice-after"])
+def test_a_timeout_beyond_what_the_code_can_represent_is_a_usage_error(hostile, option):
+    code, out, _ = hostile.run(f"{option}=1e10")
+
+    assert code == 4, out
+    assert f"'1e10' from {option} is too large; the most is 1e+08 s" in out
+    assert "OverflowError" not in out
+
+
+def test_an_unwritable_json_report_is_a_usage_error_at_start_up(hostile):
+    locked = hostile.root / "read-only"
+    locked.mkdir(mode=0o555)
+    if os.access(locked, os.W_OK):  # root writes anywhere: use a path below a file
+        target = hostile.victim / "notes.txt" / "report.json"
+    else:
+        target = locked / "report.json"
+
+    code, out, _ = hostile.run(f"--prewarm-json={target}")
+
+    assert code == 4, out
+    assert f"report file {str(target)!r} from --prewarm-json cannot be written" in out
+    assert hostile.builds() == 0
+    assert hostile.victim_untouched()
+
+
+def test_ctrl_c_during_an_eager_build_ends_the_run_at_once(hostile, tmp_path):
+    (hostile.suite / "conftest.py").write_text(
+        textwrap.dedent(CONFTEST)
+        + textwrap.dedent(
+            """
+            import pytest_prewarm
+
+            pytest_prewarm.template("slow")(build)
+            """
+        )
+    )
+    (hostile.suite / "test_use.py").write_text(
+        "import pytest\n\n\n@pytest.mark.prewarm('slow')\ndef test_slow(prewarmed):\n    pass\n"
+        "\n\ndef test_other():\n    pass\n"
+    )
+    started = tmp_path / "started"
+    proc = hostile.popen(
+        "-p", "no:xdist", env={"HOSTILE_BUILD": "slow", "HOSTILE_STARTED": str(started)}
+    )
+    try:
+        wait_until(started.exists, 60, what="the eager build to start")
+        os.killpg(proc.pid, signal.SIGINT)
+        interrupted = time.monotonic()
+        out, _ = proc.communicate(timeout=30)
+        ended = time.monotonic() - interrupted
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 2, out
+    assert ended < 2.0, f"took {ended:.1f} s after Ctrl-C:\n{out}"
+    assert "abandoning its eager build of 'slow'" in out
+
+
+# -- a full disk ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A 2 MiB tmpfs with few inodes, mounted in a private mount namespace's view... or skip."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    done = subprocess.run(
+        [
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=2m,nr_inodes=400,mode=0700",
+            "tmpfs",
+            str(mount_point),
+        ],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_during_a_build_is_a_clear_error_and_the_next_run_starts(hostile, small_tmpfs):
+    lock_dir = small_tmpfs / "locks"
+
+    code, out, _ = hostile.run(
+        "-n", "2", "--prewarm-lock-dir", str(lock_dir), env={"HOSTILE_BUILD": "fill"}
+    )
+
+    assert code == 1, out
+    assert "No space left on device" in out
+    assert "Traceback" not in out.split("short test summary")[-1]
+    assert "INTERNALERROR" not in out
+    assert hostile.builds() == 1  # the other worker failed fast on the recorded failure
+    staging = Layout(lock_dir).staging_root(db_tid())
+    assert not staging.exists() or list(staging.iterdir()) == []
+    leftovers = [p.name for p in lock_dir.rglob("*.tmp")]
+    assert leftovers == []
+
+    again, out, _ = hostile.run("-n", "2", "--prewarm-lock-dir", str(lock_dir))
+    assert again == 0, out
+
+
+# -- concurrent first runs --------------------------------------------------------------------
+
+PROBE_RACE = """
+import sys
+from pathlib import Path
+from pytest_prewarm.lockdir import choose_lock_mode, pin_mode, prepare
+
+root, me, rounds, go = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+while not go.exists():
+    pass  # spin: all racers start their rounds within microseconds of each other
+for i in range(rounds):
+    lock_dir = prepare(root / f"round-{i}", "test")
+    mode, why = choose_lock_mode(lock_dir, "auto")
+    pin_mode(lock_dir, mode, why)
+    print(i, mode, why, flush=True)
+"""
+
+
+def test_runs_starting_together_on_fresh_lock_dirs_all_choose_flock(tmp_path, processes):
+    racers, rounds = 4, 50
+    go = tmp_path / "go"
+    procs = [
+        processes.spawn(
+            [sys.executable, "-c", PROBE_RACE, str(tmp_path), str(n), str(rounds), str(go)]
+        )
+        for n in range(racers)
+    ]
+    go.touch()
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.output()
+    lines = [line for proc in procs for line in proc.output().splitlines()]
+    assert len(lines) == racers * rounds
+    modes = {line.split(" ", 2)[1] for line in lines}
+    assert modes == {"flock"}, [line for line in lines if " flock " not in line][:5]
+    for i in range(rounds):
+        assert (tmp_path / f"round-{i}" / "lock-mode").read_text() == "flock\n"
+
+
+# -- symlinks planted where directories should be ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "where", ["staging/ID", "templates/ID", "failures/ID", "trash/planted", "events", "locks"]
+)
+def test_a_planted_symlink_is_never_followed(hostile, where):
+    lock_dir = hostile.root / "locks-dir"
+    assert hostile.run("--prewarm-lock-dir", str(lock_dir))[0] == 0
+    layout = Layout(lock_dir)
+    shutil.rmtree(layout.template_dir(db_tid()))
+    link = lock_dir / where.replace("ID", db_tid())
+    if link.exists():
+        shutil.rmtree(link)
+    link.symlink_to(hostile.victim / "trash", target_is_directory=True)
+
+    code, out, seconds = hostile.run("-n", "2", "--prewarm-lock-dir", str(lock_dir), bound=60)
+
+    assert hostile.victim_untouched(), out
+    assert seconds < 30
+    assert "INTERNALERROR" not in out
+    if where == "trash/planted":
+        # Leftover trash is removed, and a link in it is unlinked, not followed.
+        assert code == 0, out
+        assert not os.path.lexists(link) or os.path.islink(link)
+    else:
+        assert code != 0, out
+        assert f"{link} is a symbolic link, where a directory should be" in out
