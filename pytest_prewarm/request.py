@@ -344,6 +344,11 @@ class _Fetch:
         finally:
             self.lock.release()
             self._empty_trash()
+            # The attempt was published (renamed away) or trashed: leave no empty staging
+            # dir behind. After the release, so no waiter waits for it; a successor that
+            # already made it again keeps it (rmdir of a non-empty dir fails).
+            with contextlib.suppress(OSError):
+                os.rmdir(self.layout.staging_root(self.tid))
 
     # -- checking and waiting ------------------------------------------------------------------
 
