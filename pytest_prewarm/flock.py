@@ -40,7 +40,7 @@ from .liveness import Liveness, Verdict, classify, local_host, prepare_classify
 from .locking import Acquired, Holder
 from .owner import OwnerRecord, read_record
 from .records import Meta, hold_id
-from .trust import is_mine, kind_of
+from .trust import is_mine, kind_of, why_unreadable
 
 if TYPE_CHECKING:
     from filelock import BaseFileLock
@@ -151,6 +151,8 @@ class FlockLock:
 
     def holder(self) -> Holder:
         record = read_record(self.owner_path)
+        if record is None:
+            return Holder(None, Verdict(Liveness.UNKNOWN, why_unreadable(self.owner_path)))
         return Holder(record, classify(record))
 
     def _filelock(self) -> BaseFileLock:

@@ -33,6 +33,7 @@ from .files import write_temp
 from .liveness import Liveness, Verdict, classify, prepare_classify
 from .locking import Acquired, Holder
 from .owner import OwnerRecord, read_record
+from .trust import make_dir, why_unreadable
 
 _CLAIM = re.compile(r"claim\.(\d{1,18})")
 POLL_INTERVAL = 0.05  # seconds between looks at the lease dir while waiting
@@ -70,7 +71,7 @@ class LeaseLock:
         self._beat: threading.Thread | None = None
         self._lost: str | None = None
         self._warmed = False
-        lease_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_dir(lease_dir)  # a real directory of ours, never a planted link
 
     # -- reading the state -------------------------------------------------------------------
 
@@ -94,6 +95,8 @@ class LeaseLock:
         if top is None or self._released(top):
             return Holder(None, Verdict(Liveness.UNKNOWN, "the lease was just released"))
         record = read_record(self._claim(top))
+        if record is None:
+            return Holder(None, Verdict(Liveness.UNKNOWN, why_unreadable(self._claim(top))))
         return Holder(record, classify(record))
 
     # -- taking and giving back ------------------------------------------------------------

@@ -126,3 +126,18 @@ def remove_tree(path: Path) -> None:
                 os.rmdir(os.path.join(root, name))
     with contextlib.suppress(OSError):  # pragma: no cover
         os.rmdir(path)
+
+
+def why_unreadable(path: Path) -> str:
+    """Why a record at ``path`` could not be read, in words for a waiter's message."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return "no owner record"
+    except OSError as exc:
+        return f"owner record unreadable ({exc.strerror})"
+    if not stat.S_ISREG(info.st_mode):
+        return f"the owner record {path} is {kind_of(info.st_mode)}, not a record"
+    if not is_mine(info):
+        return f"the owner record {path} belongs to {owner_name(info.st_uid)}: not trusted"
+    return "no readable owner record (torn, oversized or not one of ours)"

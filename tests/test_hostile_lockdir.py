@@ -50,6 +50,10 @@ CONFTEST = """
                 while True:
                     out.write(b"x" * 65536)
                     out.flush()
+        if mode == "inodes":
+            # Create files until the filesystem has no inodes left: ENOSPC again.
+            for n in range(100000):
+                (path / f"f{n}").touch()
         if mode == "slow":
             Path(os.environ["HOSTILE_STARTED"]).touch()
             threading.Event().wait()  # a build that never ends on its own
@@ -462,15 +466,19 @@ def small_tmpfs(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def test_a_full_disk_during_a_build_is_a_clear_error_and_the_next_run_starts(hostile, small_tmpfs):
+@pytest.mark.parametrize("exhaust", ["fill", "inodes"])
+def test_a_full_disk_during_a_build_is_a_clear_error_and_the_next_run_starts(
+    hostile, small_tmpfs, exhaust
+):
     lock_dir = small_tmpfs / "locks"
 
     code, out, _ = hostile.run(
-        "-n", "2", "--prewarm-lock-dir", str(lock_dir), env={"HOSTILE_BUILD": "fill"}
+        "-n", "2", "--prewarm-lock-dir", str(lock_dir), env={"HOSTILE_BUILD": exhaust}
     )
 
     assert code == 1, out
     assert "No space left on device" in out
+    assert f"the filesystem holding the lock dir {lock_dir} is full" in out
     assert "Traceback" not in out.split("short test summary")[-1]
     assert "INTERNALERROR" not in out
     assert hostile.builds() == 1  # the other worker failed fast on the recorded failure
@@ -549,3 +557,36 @@ def test_a_planted_symlink_is_never_followed(hostile, where):
     else:
         assert code != 0, out
         assert f"{link} is a symbolic link, where a directory should be" in out
+
+
+def test_an_owner_record_of_another_user_is_not_trusted_and_says_so(hostile, other_user):
+    from pytest_prewarm.flock import FlockLock
+
+    lock_dir = hostile.root / "locks"
+    assert hostile.run("--prewarm-lock-dir", str(lock_dir))[0] == 0
+    owner = Layout(lock_dir).owner_file(db_tid())
+    os.chown(owner, other_user.pw_uid, other_user.pw_gid)
+
+    holder = FlockLock(Layout(lock_dir), db_tid(), "db").holder()
+
+    assert holder.record is None
+    assert holder.describe() == (
+        f"no identifiable holder (the owner record {owner} belongs to {OTHER_USER} "
+        f"(uid {other_user.pw_uid}): not trusted)"
+    )
+
+
+def test_a_planted_lease_dir_symlink_is_refused_in_lease_mode(hostile):
+    lock_dir = hostile.root / "locks"
+    lease_mode = ("--prewarm-lock-dir", str(lock_dir), "--prewarm-lock-mode", "lease")
+    assert hostile.run(*lease_mode)[0] == 0
+    shutil.rmtree(Layout(lock_dir).template_dir(db_tid()))
+    lease = Layout(lock_dir).lease_dir(db_tid())
+    shutil.rmtree(lease)
+    lease.symlink_to(hostile.victim / "trash", target_is_directory=True)
+
+    code, out, _ = hostile.run(*lease_mode)
+
+    assert code == 1, out
+    assert f"{lease} is a symbolic link, where a directory should be" in out
+    assert hostile.victim_untouched()
