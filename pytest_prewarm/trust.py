@@ -15,29 +15,33 @@ import contextlib
 import os
 import shutil
 import stat
+import sys
 from pathlib import Path
 
 from .exceptions import LockDirError
 
-_HAS_UIDS = hasattr(os, "geteuid")
-
 
 def my_uid() -> int | None:
-    return os.geteuid() if _HAS_UIDS else None
+    if sys.platform == "win32":  # no user ids to compare
+        return None
+    return os.geteuid()
 
 
 def owner_name(uid: int) -> str:
-    try:
-        import pwd
+    if sys.platform == "win32":  # no pwd module there
+        return f"uid {uid}"
+    import pwd
 
+    try:
         return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except (ImportError, KeyError):
+    except KeyError:
         return f"uid {uid}"
 
 
 def is_mine(info: os.stat_result) -> bool:
     """Whether the file described by ``info`` belongs to the running user."""
-    return not _HAS_UIDS or info.st_uid == os.geteuid()
+    uid = my_uid()
+    return uid is None or info.st_uid == uid
 
 
 def kind_of(mode: int) -> str:
@@ -72,7 +76,7 @@ def dir_problem(path: Path, *, shared_ok: bool = False) -> str | None:
     if not is_mine(info):
         return (
             f"{path} belongs to {owner_name(info.st_uid)}, not to the user running pytest "
-            f"({owner_name(os.geteuid())}); mode {mode:04o}"
+            f"({owner_name(my_uid() or 0)}); mode {mode:04o}"
         )
     if mode & (stat.S_IWGRP | stat.S_IWOTH) and not (shared_ok and mode & stat.S_ISVTX):
         sticky = "" if shared_ok else " (only the lock dir itself may be shared, if sticky)"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pwd
 import shutil
 import signal
 import stat
@@ -26,6 +25,8 @@ from conftest import env_without_leaks, wait_until
 
 from pytest_prewarm.layout import TAG_FILE, Layout, template_id
 from pytest_prewarm.names import canonical_key
+
+pwd = pytest.importorskip("pwd", reason="another local user, POSIX modes and FIFOs")
 
 OTHER_USER = "prewarm-other"
 
