@@ -10,13 +10,10 @@ recorded once per run, so every other request of the run fails fast with its cau
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import stat
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +23,6 @@ from . import clock
 from .capture import BuildOutput, command_output, tail
 from .events import TemplateEvent
 from .exceptions import (
-    BUILD_DIR_MARK,
     DISK_FULL,
     LockDirError,
     PrewarmBuildError,
@@ -34,6 +30,15 @@ from .exceptions import (
     PrewarmTimeout,
     PrewarmUsageError,
     timeout_hint,
+)
+from .failure import (
+    MAX_MESSAGE,
+    MAX_TRACEBACK,
+    builder_traceback,
+    clip,
+    disk_full_hint,
+    safe_str,
+    staging_scrubber,
 )
 from .files import delete_in_background, write_atomic
 from .kinds import LockMode, Origin, Outcome
@@ -45,6 +50,7 @@ from .names import canonical_key, check_name
 from .records import Meta, failure_to_json, hold_id, read_failure
 from .registry import Registry
 from .trust import check_dir, is_mine, kind_of, make_dir, remove_tree
+from .values import json_round_trip, type_name
 
 Builder = Callable[[Path], Any]
 
@@ -443,7 +449,7 @@ class _Fetch:
         try:
             with output:  # the build's stdout and stderr, teed to its log (see capture.py)
                 returned = self.request.build(data)
-            value = _json_round_trip(
+            value = json_round_trip(
                 returned, self.name, (str(data), str(self.layout.data_dir(self.tid)))
             )
             output.discard()
@@ -571,15 +577,15 @@ class _Fetch:
         """
         if isinstance(exc, OSError) and exc.errno in DISK_FULL:
             output.discard()  # the record needs the room; the tail stays in the error
-        scrub = _staging_scrubber(self.layout.root, attempt)
+        scrub = staging_scrubber(self.layout.root, attempt)
         stderr, stdout = command_output(exc)
-        traceback_text = _builder_traceback(exc)
+        traceback_text = builder_traceback(exc)
         fields: dict[str, Any] = {
             "template": self.name,
-            "exc_type": _type_name(type(exc)),
-            "exc_message": scrub(_clip(_safe_str(exc), _MAX_MESSAGE))
-            + _disk_full_hint(exc, self.layout.root),
-            "traceback_text": scrub(_clip(traceback_text, _MAX_TRACEBACK)),
+            "exc_type": type_name(type(exc)),
+            "exc_message": scrub(clip(safe_str(exc), MAX_MESSAGE))
+            + disk_full_hint(exc, self.layout.root),
+            "traceback_text": scrub(clip(traceback_text, MAX_TRACEBACK)),
             "worker": self.store.worker,
             "pid": os.getpid(),
             "output": scrub(output.tail()),
@@ -712,206 +718,4 @@ class _Fetch:
         )
 
 
-def _disk_full_hint(exc: BaseException, lock_dir: Path) -> str:
-    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-        return f" (the filesystem holding the lock dir {lock_dir} is full: free space there)"
-    return ""
-
-
-def _builder_traceback(exc: BaseException) -> str:
-    """The formatted traceback of what the builder raised, without this package's frames.
-
-    "" when nothing but our frames is left: a value that is not JSON is refused by us,
-    not raised by the builder's code, and its one-line message says all there is.
-    """
-    formatted = traceback.TracebackException(type(exc), exc, exc.__traceback__, compact=True)
-    if not _without_our_frames(formatted, set()):
-        return ""
-    return "".join(formatted.format())
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def _without_our_frames(formatted: traceback.TracebackException, seen: set[int]) -> bool:
-    """Drop this package's frames from ``formatted`` and its chain; whether any is left."""
-    kept = [f for f in formatted.stack if os.path.dirname(f.filename) != _PACKAGE_DIR]
-    formatted.stack = traceback.StackSummary.from_list(kept)
-    seen.add(id(formatted))
-    chained = [formatted.__cause__, formatted.__context__, *(formatted.exceptions or ())]
-    for other in chained:
-        if other is not None and id(other) not in seen:
-            _without_our_frames(other, seen)
-    return bool(kept)
-
-
-def _type_name(cls: type) -> str:
-    name = f"{cls.__module__}.{cls.__qualname__}"
-    return name.removeprefix("builtins.").removeprefix("pytest_prewarm.exceptions.")
-
-
-def _safe_str(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception:  # a broken __str__ must not hide the failure
-        return f"<{type(exc).__name__} whose str() failed>"
-
-
-# A failure record holds the clipped texts, so it always fits what read_failure reads.
-_MAX_MESSAGE = 16 * 1024
-_MAX_TRACEBACK = 256 * 1024
 LOGS_KEPT = 5  # logs of failed builds kept per template in the lock dir
-
-
-def _clip(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    half = limit // 2
-    left_out = len(text) - 2 * half
-    return f"{text[:half]}\n[... {left_out} characters left out; the log has them]\n{text[-half:]}"
-
-
-def _staging_scrubber(root: Path, attempt: Path) -> Callable[[str], str]:
-    """Replaces the staging paths of ``attempt`` (as given, and resolved) in a text."""
-    relative = attempt.relative_to(root)
-    pairs = []
-    for base in {str(root), os.path.realpath(root)}:
-        staged = os.path.join(base, relative)
-        pairs.append((os.path.join(staged, DATA_DIR), BUILD_DIR_MARK))
-        pairs.append((staged, f"{BUILD_DIR_MARK}/.."))
-    pairs.sort(key=lambda pair: -len(pair[0]))  # the data dir before its parent
-
-    def scrub(text: str) -> str:
-        for old, new in pairs:
-            text = text.replace(old, new)
-        return text
-
-    return scrub
-
-
-_JSON_HINT = (
-    "return None, a str, int, float or bool, or a list or dict of those (an os.PathLike "
-    "is taken as its str)"
-)
-
-
-class _NotJSON(Exception):
-    """What in a builder's value is not JSON, in words; ``where`` is its subscript path."""
-
-    def __init__(self, where: str, what: str) -> None:
-        super().__init__(where, what)
-        self.where = where
-        self.what = what
-
-
-def _json_round_trip(returned: Any, name: str, moved: tuple[str, str] | None = None) -> Any:
-    """The value as every process receives it: its JSON round trip.
-
-    An os.PathLike anywhere in it becomes its str (``str(os.fspath(value))``); one inside
-    the build dir ``moved[0]`` becomes the same path inside ``moved[1]``, where the
-    template is published. Anything else that is not JSON is refused in one line naming
-    its type and where it sits.
-    """
-    convert = _ToJSON(moved)
-    try:
-        text = json.dumps(returned, allow_nan=False, default=convert.default)
-    except (TypeError, ValueError, RecursionError):
-        try:  # find what is wrong, or convert what only the slow path reaches (path keys)
-            text = json.dumps(convert.value(returned, ""), allow_nan=False)
-        except _NotJSON as exc:
-            problem = exc.what
-            if exc.where:
-                problem = f"{_type_of(returned)} whose {exc.where} is {problem}"
-        except (TypeError, ValueError, RecursionError):
-            problem = f"{_type_of(returned)} nested too deeply to be JSON-serialisable"
-        else:
-            return json.loads(text)
-        raise PrewarmUsageError(
-            f"builder of template {name!r} returned {problem}; {_JSON_HINT}"
-        ) from None
-    return json.loads(text)
-
-
-_NOT_JSON = "which is not JSON-serialisable"
-
-
-class _ToJSON:
-    """Paths as str (moved to where the template is published), tuples as lists; raises
-    _NotJSON naming the first thing that JSON cannot hold."""
-
-    def __init__(self, moved: tuple[str, str] | None) -> None:
-        self.moves = []
-        if moved is not None:  # the build dir as given and resolved, to the published one
-            self.moves = [(old, moved[1]) for old in {moved[0], os.path.realpath(moved[0])}]
-        self.active: set[int] = set()  # containers on the way down: a cycle is an error
-
-    def path(self, value: os.PathLike[Any]) -> str | None:
-        path = os.fspath(value)
-        if not isinstance(path, str):
-            return None
-        for old, new in self.moves:
-            if path == old or path.startswith(old + os.sep):
-                return new + path[len(old) :]
-        return path
-
-    def default(self, value: Any) -> str:
-        """json.dumps's hook for what it cannot encode itself."""
-        path = self.path(value) if isinstance(value, os.PathLike) else None
-        if path is None:
-            raise TypeError(type(value).__name__)
-        return path
-
-    def value(self, value: Any, where: str) -> Any:
-        """``value`` made JSON; ``where`` is its subscript path inside the returned value."""
-        if value is None or isinstance(value, str | int):  # bool is an int
-            return value
-        if isinstance(value, float):
-            if math.isfinite(value):
-                return value
-            raise _NotJSON(where, f"float {value!r}, {_NOT_JSON} (JSON has no NaN or infinity)")
-        if isinstance(value, os.PathLike):
-            path = self.path(value)
-            if path is None:
-                raise _NotJSON(where, f"{_described(value)} of bytes, {_NOT_JSON}")
-            return path
-        if not isinstance(value, list | tuple | dict):
-            raise _NotJSON(where, f"{_described(value)}, {_NOT_JSON}")
-        if id(value) in self.active:
-            raise _NotJSON(where, f"{_type_of(value)} that contains itself, {_NOT_JSON}")
-        self.active.add(id(value))
-        try:
-            if isinstance(value, dict):
-                return {
-                    self.key(k, where): self.value(v, f"{where}[{_short_repr(k)}]")
-                    for k, v in value.items()
-                }
-            return [self.value(v, f"{where}[{i}]") for i, v in enumerate(value)]
-        finally:
-            self.active.discard(id(value))
-
-    def key(self, key: Any, where: str) -> Any:
-        if key is None or isinstance(key, str | int | float):
-            return key
-        path = self.path(key) if isinstance(key, os.PathLike) else None
-        if path is None:
-            raise _NotJSON(
-                where, f"dict with a key {_described(key)}, {_NOT_JSON} (JSON keys are strings)"
-            )
-        return path
-
-
-def _described(value: Any) -> str:
-    return f"{_type_of(value)} {_short_repr(value)}"
-
-
-def _type_of(value: Any) -> str:
-    return _type_name(type(value))
-
-
-def _short_repr(value: Any) -> str:
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{type(value).__name__}>"
-    text = text.replace("\n", "\\n")  # the error is one line
-    return text if len(text) <= 80 else text[:77] + "..."

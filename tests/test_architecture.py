@@ -18,12 +18,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pytest_prewarm"
 # imports included); docs/architecture.md draws the same picture.
 LAYERS: list[set[str]] = [
     {"_version", "clock", "kinds", "exceptions", "console", "portable", "capture"},
-    {"names", "trust", "fstype"},
+    {"names", "trust", "fstype", "values"},
     {"files"},
     {"owner"},
     {"liveness", "records"},
     {"layout"},
-    {"locking"},
+    {"locking", "failure"},
     {"flock", "lease"},
     {"locks", "events", "registry"},
     {"request"},
