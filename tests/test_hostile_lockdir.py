@@ -432,7 +432,10 @@ def test_ctrl_c_during_an_eager_build_ends_the_run_at_once(hostile, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     assert proc.returncode == 2, out
-    assert ended < 2.0, f"took {ended:.1f} s after Ctrl-C:\n{out}"
+    # The plugin waits for nothing after Ctrl-C (it abandons the build at once); the run's
+    # own exit takes well under 2 s on a quiet machine, and the bound leaves room for a
+    # loaded one. Waiting for the build would take the timeout, 1800 s.
+    assert ended < 5.0, f"took {ended:.1f} s after Ctrl-C:\n{out}"
     assert "abandoning its eager build of 'slow'" in out
 
 
