@@ -43,7 +43,9 @@ def linux_proc_only(fact: str) -> pytest.MarkDecorator:
     )
 
 
-# Environment a nested pytest must not inherit from an outer xdist worker or the user.
+# Environment a nested pytest must not inherit from an outer xdist worker, the user or the
+# CI machine: it would change what the inner run does or how its output reads (CI and
+# BUILD_NUMBER: pytest stops truncating summary lines; the colour variables: escape codes).
 LEAKY_ENV = (
     "PYTEST_XDIST_WORKER",
     "PYTEST_XDIST_WORKER_COUNT",
@@ -51,24 +53,34 @@ LEAKY_ENV = (
     "PYTEST_ADDOPTS",
     "PYTEST_PLUGINS",
     "PYTEST_DISABLE_PLUGIN_AUTOLOAD",
+    "CI",
+    "BUILD_NUMBER",
+    "PY_COLORS",
+    "FORCE_COLOR",
+    "NO_COLOR",
+    "COLUMNS",
 )
 # What a nested pytest gets instead of the user's PYTEST_ADDOPTS. No inner suite uses
 # hypothesis, and its pytest plugin imports all of hypothesis in every process for its
 # terminal summary: about 0.6 s of CPU per process, and an inner run on 8 workers is 9.
 INNER_ADDOPTS = "-p no:hypothesispytest"
+# Set for every nested pytest. Without PYTHONDONTWRITEBYTECODE an inner run leaves a
+# __pycache__ in its suite's directory, which tests of what a run leaves behind would see.
+NESTED_ENV = {"PYTEST_ADDOPTS": INNER_ADDOPTS, "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def env_without_leaks() -> dict[str, str]:
-    """os.environ for a nested pytest: without LEAKY_ENV, with INNER_ADDOPTS."""
+    """os.environ for a nested pytest: without LEAKY_ENV, with NESTED_ENV."""
     env = {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
-    env["PYTEST_ADDOPTS"] = INNER_ADDOPTS
+    env.update(NESTED_ENV)
     return env
 
 
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in LEAKY_ENV:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("PYTEST_ADDOPTS", INNER_ADDOPTS)
+    for name, value in NESTED_ENV.items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture
@@ -442,21 +454,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+PYTESTER_SETS = ("PYTEST_ADDOPTS", "PY_COLORS")  # the builtin discards one, sets the other to 0
+
+
 @pytest.fixture
 def pytester(
     pytester: pytest.Pytester, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> pytest.Pytester:
     """The builtin ``pytester``, whose pytest subprocesses get INNER_ADDOPTS and no LEAKY_ENV.
 
-    The builtin discards PYTEST_ADDOPTS; a ``runpytest_subprocess`` run where it is still
-    unset gets INNER_ADDOPTS. An inner run that inherited PYTEST_XDIST_WORKER from an outer
-    xdist worker would take itself for that worker: the test fails at once instead, saying
-    what to ask for.
+    The builtin discards PYTEST_ADDOPTS; a ``runpytest_subprocess`` run gets what is still
+    unset of NESTED_ENV (so INNER_ADDOPTS). An inner run that inherited PYTEST_XDIST_WORKER
+    from an outer xdist worker would take itself for that worker: the test fails at once
+    instead, saying what to ask for.
     """
     run = pytester.runpytest_subprocess
 
     def checked(*args: Any, **kwargs: Any) -> pytest.RunResult:
-        leaks = [n for n in LEAKY_ENV if n != "PYTEST_ADDOPTS" and n in os.environ]
+        leaks = [n for n in LEAKY_ENV if n not in PYTESTER_SETS and n in os.environ]
         if leaks:
             pytest.fail(
                 f"{request.node.nodeid}: an inner pytest would inherit {', '.join(leaks)}; "
@@ -464,8 +479,9 @@ def pytester(
                 pytrace=False,
             )
         with monkeypatch.context() as patch:
-            if "PYTEST_ADDOPTS" not in os.environ:
-                patch.setenv("PYTEST_ADDOPTS", INNER_ADDOPTS)
+            for name, value in NESTED_ENV.items():
+                if name not in os.environ:
+                    patch.setenv(name, value)
             return run(*args, **kwargs)
 
     pytester.runpytest_subprocess = checked  # type: ignore[method-assign]
