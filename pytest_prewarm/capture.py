@@ -31,6 +31,7 @@ not logged. The standard library only: no pytest, no other module of the package
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import io
 import os
@@ -314,10 +315,11 @@ class _FdTee:
             for each in opened:
                 os.close(each)
             raise
-        self._thread = threading.Thread(
-            target=self._pump, name=f"prewarm-capture-fd{fd}", daemon=True
-        )
-        self._thread.start()
+        # A bare thread: threading.Thread.start() waits until the new thread has been
+        # scheduled, which on a loaded machine added milliseconds before every build
+        # (a takeover's first build line came 6 ms later). Nothing joins the pump: stop()
+        # waits on ``_reached`` instead, and the pump never keeps the interpreter alive.
+        _thread.start_new_thread(self._pump, ())
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):
