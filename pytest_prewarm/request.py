@@ -465,18 +465,9 @@ class _Fetch:
             except PrewarmLockError as lost:
                 output.discard()
                 raise lost from exc
-            error = self._record_failure(exc, output, attempt)
-            self._event(
-                Outcome.FAILED,
-                waited,
-                build_seconds=build_seconds,
-                built_by=self.store.worker,
-                error=error.cause,
-                recovered_from=recovered,
-            )
             # Not chained: the message holds the traceback, the same text every waiter
             # shows, and a chained exception would print it a second time.
-            raise error from None
+            raise self._failed(exc, output, attempt, waited, build_seconds, recovered) from None
         except BaseException:
             # Interrupted (Ctrl-C, pytest.exit, a timeout plugin): not the builder's fault,
             # so no failure record; the next run or worker builds afresh.
@@ -503,16 +494,8 @@ class _Fetch:
             # staging goes at once, and the failure is recorded like a build's, so every
             # other process of the run fails fast instead of building again.
             self._trash(attempt, now=True)
-            error = self._record_failure(exc, BuildOutput(None, "", redirect=False), attempt)
-            self._event(
-                Outcome.FAILED,
-                waited,
-                build_seconds=build_seconds,
-                built_by=self.store.worker,
-                error=error.cause,
-                recovered_from=recovered,
-            )
-            raise error from None
+            no_output = BuildOutput(None, "", redirect=False)
+            raise self._failed(exc, no_output, attempt, waited, build_seconds, recovered) from None
         # Release before any bookkeeping: waiters are woken by the release, and every
         # microsecond spent here is added to each of their waits.
         self.lock.release(finished=True)
@@ -524,6 +507,27 @@ class _Fetch:
             recovered_from=recovered,
         )
         return self._template(meta, Origin.BUILT)
+
+    def _failed(
+        self,
+        exc: BaseException,
+        output: BuildOutput,
+        attempt: Path,
+        waited: float,
+        build_seconds: float,
+        recovered: str | None,
+    ) -> PrewarmBuildError:
+        """Record the run's failure and its event; the error for the caller to raise."""
+        error = self._record_failure(exc, output, attempt)
+        self._event(
+            Outcome.FAILED,
+            waited,
+            build_seconds=build_seconds,
+            built_by=self.store.worker,
+            error=error.cause,
+            recovered_from=recovered,
+        )
+        return error
 
     def _publish(self, attempt: Path, meta: Meta) -> None:
         # The marker goes in last, then one rename makes the whole directory visible:
