@@ -32,6 +32,11 @@ _LEGACY_NAMES = frozenset(
 )
 
 
+def _full_disk_words(exc: OSError) -> str:
+    """What to add to a lock-dir error when the disk (or the user's quota) is full."""
+    return " (the filesystem is full)" if exc.errno in DISK_FULL else ""
+
+
 def prepare(path: Path, source: str) -> Path:
     """Create ``path`` (owner-only) or adopt it, mark it as ours, and prove we can write in it.
 
@@ -99,7 +104,7 @@ def _adopt(layout: Layout, hint: str) -> None:
     try:
         _link_new(layout.tag_file, TAG_TEXT)
     except OSError as exc:
-        full = " (the filesystem is full)" if exc.errno in DISK_FULL else ""
+        full = _full_disk_words(exc)
         raise LockDirError(
             f"lock dir {str(layout.root)!r} is not writable: {exc.strerror}{full} (while "
             f"marking it as pytest-prewarm's with {TAG_FILE}); {hint}"
@@ -156,7 +161,7 @@ def _prove_writable(layout: Layout, hint: str) -> None:
                 for leftover in _trash_entries(layout):
                     remove_tree(leftover)
                 continue
-            full = " (the filesystem is full)" if exc.errno in DISK_FULL else ""
+            full = _full_disk_words(exc)
             raise LockDirError(
                 f"lock dir {str(layout.root)!r} is not writable: {exc.strerror}{full}; {hint}"
             ) from exc
@@ -226,7 +231,7 @@ def create_run_dir(run_id: str, worker: str) -> Path:
         write_atomic(layout.tag_file, TAG_TEXT)
         write_atomic(layout.run_record, own_record(worker, run_id).to_json())
     except OSError as exc:
-        full = " (the filesystem is full)" if exc.errno in DISK_FULL else ""
+        full = _full_disk_words(exc)
         raise LockDirError(
             f"cannot create a per-run lock dir in {tempfile.gettempdir()}: {exc.strerror}"
             f"{full}; free space there, set TMPDIR, or pass --prewarm-lock-dir"
