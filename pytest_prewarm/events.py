@@ -37,6 +37,7 @@ class TemplateEvent:
     error: str | None = None
     recovered_from: str | None = None  # "gw2, pid 4100: dead, zombie"
     pid: int = 0
+    note: str | None = None  # why it was built again, or how a restored one was verified
 
     def to_dict(self) -> dict[str, Any]:
         """Builtin types only: execnet carries nothing else between processes."""

@@ -25,6 +25,7 @@ class Outcome(StrEnum):
     REUSED = "reused"  # already published (by an earlier run, or earlier in this one)
     FAILED = "failed"  # the build failed, here or in another process of this run
     TIMEOUT = "timeout"  # we gave up waiting for the lock
+    SUPPLIED = "supplied"  # given from outside (--prewarm-supply): never built or changed
 
 
 class Origin(StrEnum):
@@ -33,6 +34,7 @@ class Origin(StrEnum):
     BUILT = "built"
     WAITED = "waited"
     REUSED = "reused"
+    SUPPLIED = "supplied"
 
 
 class RecordState(StrEnum):

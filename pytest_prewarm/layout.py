@@ -5,14 +5,18 @@
     locks/<id>.lock          permanent flock file, never written or deleted
     locks/<id>.owner.json    who holds (or last held) the lock
     locks/<id>.lease/        lease mode: numbered claim files (see lease.py)
-    staging/<id>/<attempt>/  a build in progress: data/ is what the builder fills
-    templates/<id>/          a published template: data/ plus meta.json
+    templates/<id>/<build>/  one build of the template: data/ is what the builder fills,
+                             in place: the directory it fills is the one everyone gets
+    templates/<id>/<build>/manifest  the tree of data/ at publication (see digest.py)
+    templates/<id>/meta.json the publication: names the build that is the template, and
+                             is replaced in one rename; a build it does not name is a
+                             build in progress (or a dead builder's, swept by the next)
     failures/<id>/<run>.json a failed build, so the rest of that run fails fast
     failures/<id>/<run>.log  its log: what the build wrote, its traceback; kept after the
                              run (the newest few per template), since its error names it
     failures/.<id>+*.partial the log of a build in progress; the above if it fails
     events/<run>/*.jsonl     what each process of a run did, for the summary
-    trash/                   staging and old templates moved aside, deleted in background
+    trash/                   dead builds and superseded ones moved aside, deleted in background
     lock-mode                the mode the first run chose; later runs must agree
 
 ``<id>`` is the safe file stem of the name plus a digest of the key, so a different key
@@ -25,12 +29,13 @@ import os
 import uuid
 from pathlib import Path
 
-from .names import file_stem, key_digest
+from .names import file_stem, key_digest, new_build_name
 from .trust import make_dir
 
-SUBDIRS = ("locks", "staging", "templates", "failures", "trash", "events")
+SUBDIRS = ("locks", "templates", "failures", "trash", "events")
 DATA_DIR = "data"
 META_FILE = "meta.json"
+MANIFEST_FILE = "manifest"  # beside data/: its tree, as digest.py writes it
 MODE_FILE = "lock-mode"
 RUN_RECORD = ".run-owner.json"
 # The mark of a lock dir that pytest-prewarm made or adopted (pytest marks its cache dir
@@ -79,18 +84,24 @@ class Layout:
 
     # -- builds and templates ----------------------------------------------------------------
 
-    def staging_root(self, tid: str) -> Path:
-        return self.root / "staging" / tid
-
-    def new_attempt(self, tid: str) -> Path:
-        """A fresh staging directory name for one build attempt of this process."""
-        return self.staging_root(tid) / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
     def template_dir(self, tid: str) -> Path:
+        """The template's directory: its builds and the meta.json that publishes one."""
         return self.root / "templates" / tid
 
-    def data_dir(self, tid: str) -> Path:
-        return self.template_dir(tid) / DATA_DIR
+    def new_build(self, tid: str) -> Path:
+        """A fresh directory name for one build attempt of this process."""
+        return self.template_dir(tid) / new_build_name()
+
+    def build_dir(self, tid: str, build: str) -> Path:
+        """The directory of one build (``""``: a template published by 0.1, in place)."""
+        return self.template_dir(tid) / build if build else self.template_dir(tid)
+
+    def data_dir(self, tid: str, build: str) -> Path:
+        """What the builder of ``build`` filled: the template's path, in every process."""
+        return self.build_dir(tid, build) / DATA_DIR
+
+    def manifest_file(self, tid: str, build: str) -> Path:
+        return self.build_dir(tid, build) / MANIFEST_FILE
 
     def meta_file(self, tid: str) -> Path:
         return self.template_dir(tid) / META_FILE

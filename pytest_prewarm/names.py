@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import uuid
 from typing import Any
 
 from .exceptions import PrewarmUsageError
@@ -63,3 +65,19 @@ def canonical_key(key: Any, *, name: str) -> str:
 
 def key_digest(canonical: str) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# One build of a template: a directory named ``<pid>-<8 hex>`` (see layout.py). A name read
+# back from meta.json becomes a path, so only that shape is accepted: never "..", a
+# separator, "data" or "meta.json".
+BUILD_NAME = re.compile(r"[0-9]{1,10}-[0-9a-f]{8}")
+
+
+def new_build_name() -> str:
+    """A fresh build name, unique among this lock dir's builds."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def is_build_name(name: object) -> bool:
+    """Whether ``name`` (read from a record) names a build: ``""`` is a format-1 template."""
+    return isinstance(name, str) and (name == "" or BUILD_NAME.fullmatch(name) is not None)

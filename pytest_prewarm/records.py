@@ -7,6 +7,7 @@ published, no failure), never as an exception.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,13 @@ from typing import Any
 
 from .exceptions import PrewarmBuildError
 from .files import read_json_object
+from .names import is_build_name
 from .owner import OwnerRecord
 
-META_FORMAT = 1
+# 2: the build's directory is named in meta.json (published in place, not renamed), with a
+# digest of its tree. 1 (0.1): the data sat beside meta.json. Both are read.
+META_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 HoldId = list[Any]  # [pid, started_at] of one hold of a lock
 
@@ -40,6 +45,13 @@ class Meta:
     build_seconds: float
     published_at: float
     holder: HoldId | None  # which hold published it: the next holder knows it finished
+    build: str = ""  # the build directory's name under templates/<id>/ ("": format 1)
+    digest: str | None = None  # of the data tree (see digest.py), checked in another boot
+    data_path: str | None = None  # where it was built: in-place templates name that path
+    requires: dict[str, str] | None = None  # the layers it was built on: name -> digest
+
+    def replace(self, **changes: Any) -> Meta:
+        return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -55,13 +67,17 @@ class Meta:
                 "build_seconds": self.build_seconds,
                 "published_at": self.published_at,
                 "holder": self.holder,
+                "build": self.build,
+                "digest": self.digest,
+                "data_path": self.data_path,
+                "requires": self.requires,
             }
         )
 
     @classmethod
     def read(cls, path: Path) -> Meta | None:
         data = read_json_object(path)
-        if data is None or data.get("format") != META_FORMAT:
+        if data is None or data.get("format") not in READABLE_FORMATS:
             return None
         name, key, built_by, run_id = (data.get(f) for f in ("name", "key", "built_by", "run_id"))
         boot, pid, holder = data.get("boot_id"), data.get("pid"), data.get("holder")
@@ -74,6 +90,18 @@ class Meta:
             return None
         if not (holder is None or isinstance(holder, list)):
             return None
+        build, digest, data_path = data.get("build", ""), data.get("digest"), data.get("data_path")
+        requires = data.get("requires")
+        # The build's name becomes a path: one plain part of ours, or the record is not used.
+        if not is_build_name(build) or (data["format"] == 1) != (build == ""):
+            return None
+        if not all(v is None or isinstance(v, str) for v in (digest, data_path)):
+            return None
+        if requires is not None and not (
+            isinstance(requires, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in requires.items())
+        ):
+            return None
         return cls(
             name=str(name),
             key=str(key),
@@ -85,6 +113,10 @@ class Meta:
             build_seconds=float(seconds),  # type: ignore[arg-type]
             published_at=float(published),  # type: ignore[arg-type]
             holder=holder,
+            build=str(build),
+            digest=digest,
+            data_path=data_path,
+            requires=requires,
         )
 
 

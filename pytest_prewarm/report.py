@@ -21,6 +21,8 @@ class TemplateSummary:
     waits: list[TemplateEvent] = field(default_factory=list)  # waited, failed fast, timed out
     reused: list[TemplateEvent] = field(default_factory=list)
     recoveries: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # why it was rebuilt, or verified
+    supplied: list[TemplateEvent] = field(default_factory=list)
 
     @property
     def wait_total(self) -> float:
@@ -31,7 +33,9 @@ class TemplateSummary:
         return max((e.wait_seconds for e in self.waits), default=0.0)
 
     def outcome_code(self) -> str:
-        """One word for dashboards: built, failed, timeout, reused or unused."""
+        """One word for dashboards: built, failed, timeout, reused, supplied or unused."""
+        if self.supplied:
+            return "supplied"
         if self.builds:
             return "built"
         if self.failures:
@@ -51,6 +55,8 @@ class TemplateSummary:
             first = self.failures[0]
             message = (first.error or "").splitlines()[0] if first.error else "error"
             return f"failed in {first.worker} after {_secs(first.build_seconds or 0.0)}: {message}"
+        if code == "supplied":
+            return f"supplied: {self.supplied[0].built_by}, not built"
         others = [e for e in self.waits if e.outcome == Outcome.WAITED and e.built_by]
         if code == "reused" and others:
             return f"built by another run ({others[0].built_by}) while this one waited"
@@ -65,7 +71,9 @@ def summarize(events: Iterable[TemplateEvent]) -> list[TemplateSummary]:
     by_name: dict[str, TemplateSummary] = {}
     for event in events:
         summary = by_name.setdefault(event.template, TemplateSummary(event.template))
-        if event.outcome == Outcome.BUILT:
+        if event.outcome == Outcome.SUPPLIED:
+            summary.supplied.append(event)
+        elif event.outcome == Outcome.BUILT:
             summary.builds.append(event)
             if event.recovered_from and event.wait_seconds > 0:
                 # It waited for a builder that was then killed, and took over: a wait too.
@@ -80,6 +88,8 @@ def summarize(events: Iterable[TemplateEvent]) -> list[TemplateSummary]:
             summary.recoveries.append(
                 f"{event.worker} reclaimed the lock from {event.recovered_from}"
             )
+        if event.note:
+            summary.notes.append(f"{event.worker}: {event.note}")
     return list(by_name.values())
 
 
@@ -106,7 +116,7 @@ def format_summary(events: list[TemplateEvent], *, top: int = 10, verbosity: int
                 f"total {_secs(summary.wait_total)}"
             )
         lines.append(line)
-        lines.extend(f"{'':<{width}}  {text}" for text in summary.recoveries)
+        lines.extend(f"{'':<{width}}  {text}" for text in summary.recoveries + summary.notes)
     if verbosity < 0:
         return lines
     waits = sorted(
@@ -165,6 +175,7 @@ def to_json(events: list[TemplateEvent], settings: dict[str, Any]) -> dict[str, 
                 "wait_total_seconds": summary.wait_total,
                 "wait_longest_seconds": summary.wait_longest,
                 "recoveries": summary.recoveries,
+                "notes": summary.notes,
             }
         )
     return {

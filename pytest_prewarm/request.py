@@ -2,9 +2,11 @@
 
 ``TemplateStore`` is the per-process front: it caches results, keeps threads of one process
 from building the same template twice, and hands each uncached request to ``_Fetch``, which
-owns that request alone. Publication is a staging directory filled by the builder, meta.json
-written last, then one rename: a reader sees no template or a complete one. A failure is
-recorded once per run, so every other request of the run fails fast with its cause.
+owns that request alone. The builder fills a build directory that never moves, so a
+template that records its own path (a virtualenv, an editable install, a database
+cluster) works in place; publication is meta.json, naming that build, written last in one
+rename: a reader sees no template or a complete one. A failure is recorded once per run,
+so every other request of the run fails fast with its cause.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Protocol
 
 from . import clock
 from .capture import BuildOutput, command_output, tail
+from .digest import MAX_MANIFEST_BYTES, digest_of, first_difference, manifest
 from .events import TemplateEvent
 from .exceptions import (
     DISK_FULL,
@@ -40,7 +43,7 @@ from .failure import (
     safe_str,
     staging_scrubber,
 )
-from .files import delete_in_background, write_atomic
+from .files import delete_in_background, read_bounded, write_atomic
 from .kinds import LockMode, Origin, Outcome
 from .layout import DATA_DIR, META_FILE, Layout, template_id
 from .liveness import Identity, Liveness, boot_id
@@ -350,11 +353,11 @@ class _Fetch:
         finally:
             self.lock.release()
             self._empty_trash()
-            # The attempt was published (renamed away) or trashed: leave no empty staging
-            # dir behind. After the release, so no waiter waits for it; a successor that
-            # already made it again keeps it (rmdir of a non-empty dir fails).
+            # A failed attempt was trashed: leave no empty template dir behind. After the
+            # release, so no waiter waits for it; a published one, or a successor's build,
+            # keeps it (rmdir of a non-empty dir fails).
             with contextlib.suppress(OSError):
-                os.rmdir(self.layout.staging_root(self.tid))
+                os.rmdir(self.layout.template_dir(self.tid))
 
     # -- checking and waiting ------------------------------------------------------------------
 
@@ -367,14 +370,26 @@ class _Fetch:
         if failure is not None:
             return _Failed(failure)
         meta = Meta.read(self.layout.meta_file(self.tid))
-        if meta is None:
+        if meta is None or not self._build_exists(meta):
             return None
         if self.store.boot_id is None or meta.boot_id != self.store.boot_id:
-            # Published in another boot: without fsync the data may be torn, so rebuild.
+            # Published in another boot (or restored from a cache): without fsync the data
+            # may be torn, so the lock holder verifies it against its digest first.
             return None
         if self.store.rebuild and meta.run_id != self.store.run_id:
             return None
         return meta
+
+    def _build_exists(self, meta: Meta) -> bool:
+        """Whether the build meta.json names is there: a real directory of ours.
+
+        Missing (a lease holder that lost its lease after publishing, a hand-made
+        deletion) reads as unpublished; a link or another user's directory is refused.
+        """
+        data = self.layout.data_dir(self.tid, meta.build)
+        check_dir(data.parent)
+        check_dir(data)
+        return os.path.isdir(data)
 
     def _done_while_acquiring(self) -> _Done | None:
         """Check again once the lock is ours: someone may have finished in between.
@@ -440,8 +455,16 @@ class _Fetch:
         verdict = acquired.previous_verdict
         if recovered and verdict is not None and verdict.state is Liveness.ALIVE:
             recovered += " (lock released without a clean release)"  # pragma: no cover
-        self._sweep_staging()
-        attempt = self.layout.new_attempt(self.tid)
+        # A meta.json that this user did not write stops us before anything is swept.
+        self._check_ours(None)
+        previous = self._published()
+        reason = None
+        if previous is not None:
+            reused, reason = self._verify(previous, waited)
+            if reused is not None:
+                return reused
+        self._sweep_builds(previous)
+        attempt = self.layout.new_build(self.tid)
         data = attempt / DATA_DIR
         data.mkdir(mode=0o700, parents=True)
         started = clock.monotonic()
@@ -449,9 +472,7 @@ class _Fetch:
         try:
             with output:  # the build's stdout and stderr, teed to its log (see capture.py)
                 returned = self.request.build(data)
-            value = json_round_trip(
-                returned, self.name, (str(data), str(self.layout.data_dir(self.tid)))
-            )
+            value = json_round_trip(returned, self.name)
             output.discard()
         except Exception as exc:
             build_seconds = clock.monotonic() - started
@@ -488,7 +509,7 @@ class _Fetch:
             holder=hold_id(self.lock.held_by()),
         )
         try:
-            self._publish(attempt, meta)
+            meta = self._publish(attempt, meta, previous)
         except OSError as exc:
             # Publishing failed in the lock dir itself (a full disk writing meta.json): the
             # staging goes at once, and the failure is recorded like a build's, so every
@@ -505,6 +526,7 @@ class _Fetch:
             build_seconds=build_seconds,
             built_by=self.store.worker,
             recovered_from=recovered,
+            note=reason,
         )
         return self._template(meta, Origin.BUILT)
 
@@ -529,36 +551,94 @@ class _Fetch:
         )
         return error
 
-    def _publish(self, attempt: Path, meta: Meta) -> None:
-        # The marker goes in last, then one rename makes the whole directory visible:
-        # a reader sees no template or a complete one, never a partial one.
+    def _publish(self, attempt: Path, meta: Meta, previous: Meta | None) -> Meta:
+        """Publish the build in ``attempt``, in place: its manifest, then meta.json naming it.
+
+        meta.json is replaced in one rename, so a reader sees the previous template (or
+        none) or this one, whole; the build it names never moves afterwards.
+        """
+        data = attempt / DATA_DIR
         try:
             self._confirm_held(attempt)
-            (attempt / META_FILE).write_text(meta.to_json(), encoding="utf-8")
+            tree = manifest(data)
+            write_atomic(self.layout.manifest_file(self.tid, attempt.name), tree)
+            meta = meta.replace(build=attempt.name, digest=digest_of(tree), data_path=str(data))
+            self._check_ours(attempt)
             self._confirm_held(attempt)
+            write_atomic(self.layout.meta_file(self.tid), meta.to_json())
         except FileNotFoundError:
-            # A successor that took over our lease moved our staging away.
+            # A successor that took over our lease moved our build away.
             self._confirm_held(attempt)
             raise
-        published = self.layout.template_dir(self.tid)
-        if os.path.lexists(published):
-            try:
-                self._check_ours(published)
-            except PrewarmLockError:
-                self._trash(attempt)
-                raise
-            self._trash(published)  # stale: other boot, or --prewarm-rebuild
-        os.rename(attempt, published)
+        if previous is not None and previous.build != meta.build:
+            self._trash(self._superseded(previous))  # stale: other boot, or --prewarm-rebuild
+        return meta
 
-    def _check_ours(self, published: Path) -> None:
-        """A stale template is moved aside only if this user made it: never another's."""
-        info = os.lstat(published)
+    def _superseded(self, previous: Meta) -> Path:
+        # A format-1 template's data sat beside meta.json: only data/ is the old build.
+        if previous.build == "":
+            return self.layout.template_dir(self.tid) / DATA_DIR
+        return self.layout.build_dir(self.tid, previous.build)
+
+    def _published(self) -> Meta | None:
+        """What meta.json publishes now, if its build is there (we hold the lock)."""
+        meta = Meta.read(self.layout.meta_file(self.tid))
+        return meta if meta is not None and self._build_exists(meta) else None
+
+    def _verify(self, previous: Meta, waited: float) -> tuple[Template | None, str | None]:
+        """Reuse a template published in another boot if its tree matches its digest.
+
+        ``(template, None)`` when it verified: meta.json is published again for this boot,
+        so the other processes reuse it without verifying. ``(None, reason)`` when it must
+        be built, with the reason the report gives; ``(None, None)`` for a plain rebuild.
+        """
+        if self.store.rebuild:
+            return None, None
+        if previous.digest is None:
+            return None, "published in another boot, without a digest to verify it"
+        data = self.layout.data_dir(self.tid, previous.build)
+        if previous.data_path is not None and previous.data_path != str(data):
+            return None, (
+                f"restored to another path (built in {previous.data_path}); a template "
+                "may record its own path, so it is built again here"
+            )
+        started = clock.monotonic()
+        raw = read_bounded(self.layout.manifest_file(self.tid, previous.build), MAX_MANIFEST_BYTES)
+        recorded = None if raw is None else raw.decode("utf-8", "replace")
+        if recorded is None or digest_of(recorded) != previous.digest:
+            return None, "restored from another boot, and its manifest does not match its digest"
+        current = manifest(data)
+        if digest_of(current) != previous.digest:
+            difference = first_difference(recorded, current)
+            return None, f"restored from another boot, and it did not verify: {difference}"
+        meta = previous.replace(boot_id=self.store.boot_id, holder=hold_id(self.lock.held_by()))
+        self._check_ours(None)
+        write_atomic(self.layout.meta_file(self.tid), meta.to_json())
+        self.lock.release(finished=True)
+        self._event(
+            Outcome.REUSED,
+            waited,
+            built_by=meta.built_by,
+            note=f"restored from another boot, verified in {clock.monotonic() - started:.2f} s",
+        )
+        return self._template(meta, Origin.REUSED), None
+
+    def _check_ours(self, attempt: Path | None) -> None:
+        """meta.json is replaced only if this user made it, as a file: never another's.
+
+        Refused, the attempt (if any) is discarded: nothing half-made stays behind.
+        """
         meta = self.layout.meta_file(self.tid)
-        meta_info = os.lstat(meta) if os.path.lexists(meta) else info
-        if stat.S_ISDIR(info.st_mode) and is_mine(info) and is_mine(meta_info):
+        try:
+            info = os.lstat(meta)
+        except FileNotFoundError:
             return
+        if stat.S_ISREG(info.st_mode) and is_mine(info):
+            return
+        if attempt is not None:
+            self._trash(attempt)
         raise PrewarmLockError(
-            f"template {self.name!r}: {published} is {kind_of(info.st_mode)} that this user "
+            f"template {self.name!r}: {meta} is {kind_of(info.st_mode)} that this user "
             "did not make (another user's, or not a template); it was neither used nor "
             "touched. Remove it and run again."
         )
@@ -660,13 +740,18 @@ class _Fetch:
 
     # -- housekeeping ------------------------------------------------------------------------
 
-    def _sweep_staging(self) -> None:
-        # We hold the exclusive lock, so any staging of this template belongs to a builder
-        # that died. Moving it aside is one rename; deleting can wait (facts: 3-4 ms saved).
-        staging_root = self.layout.staging_root(self.tid)
-        make_dir(staging_root)
-        for orphan in staging_root.iterdir():
-            self._trash(orphan)
+    def _sweep_builds(self, published: Meta | None) -> None:
+        # We hold the exclusive lock, so any build of this template that meta.json does not
+        # name belongs to a builder that died (or a meta.json write it left half-way).
+        # Moving it aside is one rename; deleting can wait (facts: 3-4 ms saved).
+        root = self.layout.template_dir(self.tid)
+        make_dir(root)
+        keep = {META_FILE}
+        if published is not None:
+            keep.add(published.build or DATA_DIR)
+        for entry in root.iterdir():
+            if entry.name not in keep:
+                self._trash(entry)
 
     def _trash(self, path: Path, *, now: bool = False) -> None:
         target = self.layout.trash_target(path.name)
@@ -696,6 +781,7 @@ class _Fetch:
         built_by: str | None = None,
         error: str | None = None,
         recovered_from: str | None = None,
+        note: str | None = None,
     ) -> None:
         self.store.emit(
             TemplateEvent(
@@ -708,6 +794,7 @@ class _Fetch:
                 error=error,
                 recovered_from=recovered_from,
                 pid=os.getpid(),
+                note=note,
             )
         )
 
@@ -715,7 +802,7 @@ class _Fetch:
         return Template(
             name=meta.name,
             key=self.request.key,
-            path=self.layout.data_dir(self.tid),
+            path=self.layout.data_dir(self.tid, meta.build),
             value=meta.value,
             origin=origin,
             built_by=meta.built_by,

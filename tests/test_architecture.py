@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"_version", "clock", "kinds", "exceptions", "console", "portable", "capture"},
     {"names", "trust", "fstype", "values"},
     {"files"},
-    {"owner"},
+    {"owner", "digest"},
     {"liveness", "records"},
     {"layout"},
     {"locking", "failure"},

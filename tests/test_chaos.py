@@ -80,7 +80,8 @@ def check_trial(trial: Path) -> tuple[list[str], bool]:
         problems.append(f"{len(published)} templates published")
     for template in published:
         try:
-            verify(template / DATA_DIR)
+            build = json.loads((template / "meta.json").read_text())["build"]
+            verify(template / build / DATA_DIR)
         except (AssertionError, OSError) as exc:
             problems.append(f"the published template is not whole: {exc}")
     return problems, took_over

@@ -70,8 +70,14 @@ MESSAGE = "schema migration 0042 failed: no such table: users"
 
 
 def staging_leftovers(lock_dir: Path) -> list[Path]:
-    """Anything left in staging: attempt dirs, or the template's own (emptied) staging dir."""
-    return [p for entry in (lock_dir / "staging").iterdir() for p in [entry, *entry.iterdir()]]
+    """Builds that no meta.json publishes: failed attempts, or an emptied template dir."""
+    left = []
+    for entry in (lock_dir / "templates").iterdir():
+        meta = entry / "meta.json"
+        published = json.loads(meta.read_text())["build"] if meta.exists() else None
+        left += [entry] if published is None else []
+        left += [p for p in entry.iterdir() if p.name not in ("meta.json", published)]
+    return left
 
 
 def test_failing_build_is_attempted_once_and_every_worker_gets_its_error(suite):

@@ -210,7 +210,7 @@ def test_default_lock_dir_is_shared_by_the_workers_of_a_run_and_removed_after_it
         seen = suite.records("seen", run=run)
         check_seen(seen, count=count, builder=attempts[0 if run == "first" else 1]["worker"])
         (during,) = suite.records("during-build", run=run)
-        top = Path(seen[0]["fspath"]).parents[2]
+        top = Path(seen[0]["fspath"]).parents[3]  # <top>/templates/<id>/<build>/data
         assert top == Path(during["lock_dir"])
         assert top.parent == Path(during["tempdir"])
         assert top.name.startswith("pytest-prewarm-run-")

@@ -274,7 +274,8 @@ def test_a_template_planted_by_another_user_is_never_served(hostile, other_user)
     first, out, _ = hostile.run("--prewarm-lock-dir", str(lock_dir))
     assert first == 0, out
     meta = Layout(lock_dir).meta_file(db_tid())
-    data = Layout(lock_dir).data_dir(db_tid()) / "data.txt"
+    build = json.loads(meta.read_text())["build"]
+    data = Layout(lock_dir).data_dir(db_tid(), build) / "data.txt"
     # Replace the published template by the other user's: same boot id, other data.
     doc = json.loads(meta.read_text())
     doc["value"] = "planted"
@@ -291,7 +292,11 @@ def test_a_template_planted_by_another_user_is_never_served(hostile, other_user)
     assert "it was neither used nor touched" in out
     assert data.read_text() == "planted"
     assert json.loads(meta.read_text())["value"] == "planted"
-    assert not Layout(lock_dir).staging_root(db_tid()).exists()  # discarded, not left
+    # The refused attempt was discarded, not left beside the planted template.
+    assert sorted(p.name for p in Layout(lock_dir).template_dir(db_tid()).iterdir()) == [
+        build,
+        "meta.json",
+    ]
 
 
 # -- special files where records should be ----------------------------------------------------
@@ -486,8 +491,8 @@ def test_a_full_disk_during_a_build_is_a_clear_error_and_the_next_run_starts(
     assert "Traceback" not in out.split("short test summary")[-1]
     assert "INTERNALERROR" not in out
     assert hostile.builds() == 1  # the other worker failed fast on the recorded failure
-    staging = Layout(lock_dir).staging_root(db_tid())
-    assert not staging.exists() or list(staging.iterdir()) == []
+    builds = Layout(lock_dir).template_dir(db_tid())
+    assert not builds.exists() or list(builds.iterdir()) == []
     leftovers = [p.name for p in lock_dir.rglob("*.tmp")]
     assert leftovers == []
 
@@ -537,7 +542,7 @@ def test_runs_starting_together_on_fresh_lock_dirs_all_choose_flock(tmp_path, pr
 
 
 @pytest.mark.parametrize(
-    "where", ["staging/ID", "templates/ID", "failures/ID", "trash/planted", "events", "locks"]
+    "where", ["templates/ID", "failures/ID", "trash/planted", "events", "locks"]
 )
 def test_a_planted_symlink_is_never_followed(hostile, where):
     lock_dir = hostile.root / "locks-dir"
@@ -561,6 +566,35 @@ def test_a_planted_symlink_is_never_followed(hostile, where):
     else:
         assert code != 0, out
         assert f"{link} is a symbolic link, where a directory should be" in out
+
+
+@pytest.mark.parametrize("planted", ["the published build", "a stray build"])
+def test_a_symlink_planted_among_a_templates_builds_is_never_followed(hostile, planted):
+    lock_dir = hostile.root / "locks-dir"
+    assert hostile.run("--prewarm-lock-dir", str(lock_dir))[0] == 0
+    layout = Layout(lock_dir)
+    published = json.loads(layout.meta_file(db_tid()).read_text())["build"]
+    if planted == "the published build":
+        link = layout.build_dir(db_tid(), published)
+        shutil.rmtree(link)
+    else:
+        link = layout.build_dir(db_tid(), "4242-0badc0de")  # what a dead builder leaves
+        (layout.meta_file(db_tid())).unlink()  # unpublished: the next holder sweeps
+    link.symlink_to(hostile.victim, target_is_directory=True)
+
+    code, out, seconds = hostile.run("-n", "2", "--prewarm-lock-dir", str(lock_dir), bound=60)
+
+    assert hostile.victim_untouched(), out
+    assert seconds < 30
+    assert "INTERNALERROR" not in out
+    if planted == "the published build":
+        assert code != 0, out
+        assert f"{link} is a symbolic link, where a directory should be" in out
+    else:
+        # Swept into the trash as a link (one rename), removed there without following it.
+        assert code == 0, out
+        assert not os.path.lexists(link)
+        assert hostile.builds() == 2
 
 
 def test_an_owner_record_of_another_user_is_not_trusted_and_says_so(hostile, other_user):

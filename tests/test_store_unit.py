@@ -47,7 +47,7 @@ def tid(name: str = "db", key=None) -> str:
     return f"{file_stem(name)}.{key_digest(canonical_key(key, name=name))}"
 
 
-def test_the_builder_runs_once_and_gets_an_empty_staging_dir_inside_the_lock_dir(tmp_path):
+def test_the_builder_runs_once_and_fills_the_directory_every_process_gets(tmp_path):
     build = Builder(result={"port": 5432, "pair": (1, 2)})
     one = store(tmp_path)
 
@@ -56,7 +56,8 @@ def test_the_builder_runs_once_and_gets_an_empty_staging_dir_inside_the_lock_dir
 
     assert len(build.calls) == 1
     assert build.seen_empty == [True]
-    assert build.calls[0].is_relative_to(tmp_path / "staging" / tid())
+    assert build.calls[0].is_relative_to(tmp_path / "templates" / tid())
+    assert build.calls[0] == first.path  # in place: the builder's directory is the template
     assert second is first
     assert first.origin == "built"
     assert first.value == {"port": 5432, "pair": [1, 2]}  # the JSON round trip
@@ -71,16 +72,23 @@ def test_a_published_template_is_a_whole_directory_with_its_meta(tmp_path):
 
     assert isinstance(template, os.PathLike)
     assert Path(os.fspath(template)) == template.path
-    assert template.path == tmp_path / "templates" / tid(key={"schema": 3}) / "data"
+    build_dir = template.path.parent
+    assert build_dir.parent == tmp_path / "templates" / tid(key={"schema": 3})
+    assert template.path.name == "data"
     assert sorted(p.name for p in template.path.iterdir()) == [f"f{i}.txt" for i in range(5)]
     assert (template / "f4.txt").read_text() == "44444"
     assert template.key == {"schema": 3}
-    meta = json.loads((template.path.parent / "meta.json").read_text())
+    meta = json.loads((build_dir.parent / "meta.json").read_text())
+    assert meta["build"] == build_dir.name
+    assert meta["digest"].startswith("sha256:")
+    assert meta["data_path"] == str(template.path)
     assert meta["name"] == "db"
     assert meta["value"] == "v"
     assert meta["built_by"] == "gw0"
     assert meta["run_id"] == "run-1"
-    assert not (tmp_path / "staging" / tid(key={"schema": 3})).exists()  # not even empty
+    # The template's directory holds the publication and the one build it names: nothing else.
+    assert sorted(p.name for p in build_dir.parent.iterdir()) == [build_dir.name, "meta.json"]
+    assert sorted(p.name for p in build_dir.iterdir()) == ["data", "manifest"]
     assert "origin='built'" in repr(template)
 
 
@@ -140,8 +148,7 @@ def test_a_failed_build_is_raised_to_every_later_request_of_the_run_without_retr
         assert "raise self.error" in error.traceback_text
         assert "building template 'db' failed in gw2" in str(error)
         assert "no such table: users" in str(error)
-    assert not (tmp_path / "staging" / tid()).exists()  # nothing left, not even empty
-    assert not (tmp_path / "templates" / tid()).exists()
+    assert not (tmp_path / "templates" / tid()).exists()  # nothing left, not even empty
 
 
 def test_a_later_run_tries_a_failed_build_again(tmp_path):
@@ -187,7 +194,11 @@ def test_an_interrupted_build_leaves_no_failure_so_the_next_request_builds(tmp_p
 
     assert template.value == "ok"
     assert retry.seen_empty == [True]
-    assert not (tmp_path / "staging" / tid()).exists()  # nothing left, not even empty
+    # Only the retry's build is left, and the meta.json that publishes it.
+    assert sorted(p.name for p in (tmp_path / "templates" / tid()).iterdir()) == [
+        template.path.parent.name,
+        "meta.json",
+    ]
     assert not list((tmp_path / "failures").rglob("*.json"))
 
 
@@ -271,5 +282,5 @@ def test_the_store_creates_its_directories_owner_only(tmp_path):
 
     store(lock_dir)
 
-    for sub in ("locks", "staging", "templates", "failures", "trash"):
+    for sub in ("locks", "templates", "failures", "trash", "events"):
         assert (lock_dir / sub).stat().st_mode & 0o777 == 0o700
