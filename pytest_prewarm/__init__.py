@@ -15,16 +15,20 @@ from ._version import __version__
 if TYPE_CHECKING:
     from .exceptions import (
         PrewarmBuildError,
+        PrewarmConfigureError,
         PrewarmError,
         PrewarmLockError,
         PrewarmTimeout,
         PrewarmUsageError,
+        PrewarmWarning,
     )
     from .registry import template
     from .request import Template, TemplateFactory
 
 _WHERE = {
     "PrewarmBuildError": ".exceptions",
+    "PrewarmConfigureError": ".exceptions",
+    "PrewarmWarning": ".exceptions",
     "PrewarmError": ".exceptions",
     "PrewarmLockError": ".exceptions",
     "PrewarmTimeout": ".exceptions",
@@ -36,10 +40,12 @@ _WHERE = {
 
 __all__ = [
     "PrewarmBuildError",
+    "PrewarmConfigureError",
     "PrewarmError",
     "PrewarmLockError",
     "PrewarmTimeout",
     "PrewarmUsageError",
+    "PrewarmWarning",
     "Template",
     "TemplateFactory",
     "__version__",

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from . import supply
 from .clock import MAX_SECONDS
+from .exceptions import PrewarmUsageError
 from .kinds import LockMode
 
 DEFAULT_TIMEOUT = 1800.0  # container image builds take minutes; a hang still ends
@@ -74,6 +76,13 @@ _OPTIONS: list[tuple[str, str, str]] = [
         "write the prewarm report (templates, builds, waits, recoveries, settings) as JSON "
         "to this file; relative paths resolve against the invocation directory.",
     ),
+    (
+        "keys",
+        "string",
+        "write the names and keys of the templates to this file, for a CI cache key: with "
+        "--collect-only, those the selected tests' markers need; after a run, those it got. "
+        "Relative paths resolve against the invocation directory.",
+    ),
 ]
 
 
@@ -106,6 +115,33 @@ def addoption(parser: pytest.Parser) -> None:
                 help=help_text,
             )
         parser.addini(_dest(suffix), help_text, type=ini_type, default=None)  # type: ignore[arg-type]
+    group.addoption(
+        "--prewarm-supply",
+        action="append",
+        default=[],
+        dest="prewarm_supply",
+        metavar="NAME=DIR",
+        help=SUPPLY_HELP,
+    )
+    parser.addini("prewarm_supply", SUPPLY_HELP, type="linelist", default=[])
+
+
+SUPPLY_HELP = (
+    "use the existing directory DIR as template NAME, never building, changing or "
+    "deleting it (repeatable; also PYTEST_PREWARM_SUPPLY=NAME=DIR[:NAME=DIR...]). "
+    "The command line wins over the environment, which wins over the ini file."
+)
+
+
+def _supplied(config: pytest.Config) -> dict[str, Any]:
+    where = f" in {config.inipath}" if config.inipath else ""
+    specs = [(spec, "--prewarm-supply") for spec in config.getoption("prewarm_supply") or []]
+    specs += [(spec, supply.ENV_VAR) for spec in supply.env_specs(os.environ)]
+    specs += [(spec, f"ini prewarm_supply{where}") for spec in config.getini("prewarm_supply")]
+    try:
+        return supply.parse(specs, config.invocation_params.dir)
+    except PrewarmUsageError as exc:
+        raise pytest.UsageError(f"prewarm: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -242,6 +278,23 @@ def _lock_dir_path(config: pytest.Config, text: str, source: str) -> Path:
     return real
 
 
+def _output_file(config: pytest.Config, suffix: str, example: str) -> Path | None:
+    """A file the plugin writes at the end, checked now: a directory, or unwritable, fails."""
+    raw = _raw(config, suffix)
+    if raw is None:
+        return None
+    path = Path(str(raw.value)).expanduser()
+    if not path.is_absolute():
+        path = config.invocation_params.dir / path
+    if path.is_dir():
+        raise pytest.UsageError(
+            f"prewarm: report file {str(path)!r} from {raw.source} is a directory; give a "
+            f"file name such as {example}"
+        )
+    _check_writable_target(path, raw.source)
+    return path
+
+
 def _check_writable_target(path: Path, source: str) -> None:
     """A report file must be creatable: fail at start-up, not after the whole run."""
     parent = path.parent
@@ -266,6 +319,8 @@ class Settings:
     lock_mode: Setting
     stale_after: Setting
     eager: bool = True
+    supplied: dict[str, Any] = field(default_factory=dict)  # name -> supply.Supplied
+    keys_path: Path | None = None
 
     @property
     def heartbeat(self) -> float:
@@ -287,28 +342,18 @@ class Settings:
         rebuild = _raw(config, "rebuild")
         eager = _raw(config, "eager")
         timeout = _seconds(config, "timeout", DEFAULT_TIMEOUT, zero_ok=False)
-        json_raw = _raw(config, "json")
-        json_path = None
-        if json_raw is not None:
-            json_path = Path(str(json_raw.value)).expanduser()
-            if not json_path.is_absolute():
-                json_path = config.invocation_params.dir / json_path
-            if json_path.is_dir():
-                raise pytest.UsageError(
-                    f"prewarm: report file {str(json_path)!r} from {json_raw.source} is a "
-                    "directory; give a file name such as prewarm-report.json"
-                )
-            _check_writable_target(json_path, json_raw.source)
         return cls(
             lock_dir=lock_dir,
             timeout=timeout,
             rebuild=bool(rebuild.value) if rebuild is not None else False,
             notice_after=_seconds(config, "notice-after", DEFAULT_NOTICE_AFTER, zero_ok=True),
             report_top=_count(config, "report", DEFAULT_REPORT),
-            json_path=json_path,
+            json_path=_output_file(config, "json", "prewarm-report.json"),
+            keys_path=_output_file(config, "keys", "prewarm-keys.txt"),
             eager=bool(eager.value) if eager is not None else True,
             lock_mode=_lock_mode(config),
             stale_after=_stale_after(config, timeout),
+            supplied=_supplied(config),
         )
 
     def as_dict(self, *, lock_dir: Path, lock_mode: LockMode) -> dict[str, Any]:
@@ -323,4 +368,5 @@ class Settings:
             "notice_after": self.notice_after.value,
             "eager": self.eager,
             "stale_after": self.stale_after.value,
+            "supplied": {name: str(s.path) for name, s in self.supplied.items()},
         }

@@ -38,6 +38,7 @@ class TemplateEvent:
     recovered_from: str | None = None  # "gw2, pid 4100: dead, zombie"
     pid: int = 0
     note: str | None = None  # why it was built again, or how a restored one was verified
+    key: str | None = None  # the canonical key it was asked with (keys.py lists them)
 
     def to_dict(self) -> dict[str, Any]:
         """Builtin types only: execnet carries nothing else between processes."""

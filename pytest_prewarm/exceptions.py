@@ -175,5 +175,32 @@ class PrewarmLockError(PrewarmError):
         )
 
 
+class PrewarmConfigureError(PrewarmError):
+    """A template's ``configure`` hook raised in this process (chained to what it raised)."""
+
+    def __init__(self, template: str, worker: str, exc: BaseException) -> None:
+        super().__init__(
+            f"configure hook of template {template!r} failed in {worker}: "
+            f"{type(exc).__name__}: {exc}. The template itself is fine; the hook runs once "
+            "in every process that gets it, so this process's tests that need it fail."
+        )
+        self.template = template
+        self.worker = worker
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_configure_error, (self.args[0], self.template, self.worker))
+
+
+def _configure_error(message: str, template: str, worker: str) -> PrewarmConfigureError:
+    error = PrewarmConfigureError.__new__(PrewarmConfigureError)
+    PrewarmError.__init__(error, message)
+    error.template, error.worker = template, worker
+    return error
+
+
+class PrewarmWarning(UserWarning):
+    """Something works now but will not for every user of the template (see the message)."""
+
+
 class LockDirError(PrewarmError):
     """The lock dir is unusable; the message says why and what to do."""

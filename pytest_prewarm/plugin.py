@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +18,23 @@ from typing import Any
 import pytest
 
 from . import config as config_mod
-from . import console, eager, lockdir, marker, report
+from . import console, eager, keys, lockdir, marker, report
 from .config import Settings
 from .events import EventLog
 from .exceptions import LockDirError, PrewarmUsageError
 from .kinds import LockMode
 from .locking import Holder
+from .names import canonical_key
 from .registry import REGISTRY
-from .request import Builder, Request, Template, TemplateFactory, TemplateStore, make_request
+from .request import (
+    Builder,
+    Configure,
+    Request,
+    Template,
+    TemplateFactory,
+    TemplateStore,
+    make_request,
+)
 
 WORKERINPUT_LOCK_DIR = "prewarm_lock_dir"
 WORKERINPUT_RUN_ID = "prewarm_run_id"
@@ -57,6 +66,8 @@ class State:
         build: Builder | None = None,
         key: Any = None,
         timeout: float | None = None,
+        configure: Configure | None = None,
+        requires: Sequence[Template | str] = (),
     ) -> Request:
         return make_request(
             name,
@@ -66,6 +77,8 @@ class State:
             registry=REGISTRY,
             default_timeout=self.settings.timeout.value,
             default_source=self.settings.timeout.source,
+            configure=configure,
+            requires=requires,
         )
 
 
@@ -127,6 +140,7 @@ def pytest_configure(config: pytest.Config) -> None:
             lock_mode=lock_mode,
             stale_after=settings.stale_after.value,
             heartbeat=settings.heartbeat,
+            supplied=settings.supplied,
         )
     except LockDirError as exc:  # a subdirectory that is a symlink, another user's...
         raise pytest.UsageError(f"prewarm: {exc}") from exc
@@ -200,13 +214,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if state is None or _is_worker(config):
         return
     events = state.log.merged()
+    if state.settings.keys_path is not None and not config.option.collectonly:
+        _write(state.settings.keys_path, keys.from_events(events))
     if state.settings.json_path is not None:
         data = report.to_json(
             events, state.settings.as_dict(lock_dir=state.lock_dir, lock_mode=state.lock_mode)
         )
-        path: Path = state.settings.json_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        _write(state.settings.json_path, json.dumps(data, indent=2) + "\n")
     lines = report.format_summary(
         events, top=state.settings.report_top, verbosity=config.get_verbosity()
     )
@@ -215,6 +229,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.write_sep("=", "prewarm summary")
     for line in lines:
         terminalreporter.write_line(line)
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -257,7 +276,8 @@ class XdistHooks:
 def prewarmed_template(request: pytest.FixtureRequest) -> TemplateFactory:
     """Get a template built once per test run across all xdist workers.
 
-    ``prewarmed_template(name, build=None, *, key=None, timeout=None)`` returns a
+    ``prewarmed_template(name, build=None, *, key=None, timeout=None, configure=None,
+    requires=())`` returns a
     :class:`pytest_prewarm.Template` (``os.PathLike``; ``.path``, ``.name``, ``.key``,
     ``.value``). The first process to take the template's lock calls ``build(path)`` on an
     empty directory; every other process waits, then gets the same published directory.
@@ -272,9 +292,12 @@ def prewarmed_template(request: pytest.FixtureRequest) -> TemplateFactory:
         *,
         key: Any = None,
         timeout: float | None = None,
+        configure: Configure | None = None,
+        requires: Sequence[Template | str] = (),
     ) -> Template:
         __tracebackhide__ = True  # users need the builder's frames, not ours
-        return state.store.get(state.request_for(name, build, key, timeout))
+        request = state.request_for(name, build, key, timeout, configure, requires)
+        return state.store.get(request)
 
     return get
 
@@ -308,6 +331,8 @@ def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: objec
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     state = session.config.stash.get(STATE_KEY, None)
+    if state is not None and state.settings.keys_path and session.config.option.collectonly:
+        _write_selection_keys(state, session.items)
     if (
         state is None
         or not state.settings.eager
@@ -319,6 +344,19 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if names:
         requests = [state.request_for(n) for n in names]
         state.eager_builds = eager.EagerBuilds(state.store, requests).start()
+
+
+def _write_selection_keys(state: State, items: list[pytest.Item]) -> None:
+    """``--collect-only --prewarm-keys``: the keys of the marked templates, nothing built."""
+    requests = [state.request_for(name) for name in marker.needed_by(items)]
+    canonical = {}
+    pending = list(requests)
+    while pending:
+        request = pending.pop()
+        canonical[request.name] = canonical_key(request.key, name=request.name)
+        pending += [r for r in request.requires if isinstance(r, Request)]
+    assert state.settings.keys_path is not None
+    _write(state.settings.keys_path, keys.from_requests(requests, canonical))
 
 
 @pytest.hookimpl(tryfirst=True)

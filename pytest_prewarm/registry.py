@@ -5,13 +5,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .exceptions import PrewarmUsageError
 from .names import check_name
 
-Builder = Callable[[Path], Any]
+Builder = Callable[..., Any]  # build(path), or build(path, layers) with requires=
+Configure = Callable[[Any], object]  # configure(template), in every process that gets it
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class Registered:
     build: Builder
     key: Any
     where: str  # "conftest.py:12 (build_db)", for error messages
+    configure: Configure | None = None
+    requires: tuple[str, ...] = ()
 
 
 def _where(func: Callable[..., Any]) -> str:
@@ -51,11 +53,29 @@ class Registry:
     def __init__(self) -> None:
         self._builders: dict[str, Registered] = {}
 
-    def add(self, name: str, build: Builder, key: Any = None) -> Registered:
+    def add(
+        self,
+        name: str,
+        build: Builder,
+        key: Any = None,
+        *,
+        configure: Configure | None = None,
+        requires: tuple[str, ...] = (),
+    ) -> Registered:
         check_name(name)
         if not callable(build):
             raise PrewarmUsageError(f"builder for template {name!r} is not callable: {build!r}")
-        entry = Registered(name, build, key, _where(build))
+        if configure is not None and not callable(configure):
+            raise PrewarmUsageError(
+                f"configure= for template {name!r} is not callable: {configure!r}"
+            )
+        for required in requires:
+            if not isinstance(required, str):
+                raise PrewarmUsageError(
+                    f"requires= of template {name!r} names {required!r}; give the names of "
+                    "registered templates, as strings"
+                )
+        entry = Registered(name, build, key, _where(build), configure, tuple(requires))
         existing = self._builders.get(name)
         if existing is not None and not _same_function(existing.build, build):
             raise PrewarmUsageError(
@@ -82,13 +102,23 @@ class Registry:
 REGISTRY = Registry()
 
 
-def template(name: str, *, key: Any = None) -> Callable[[Builder], Builder]:
+def template(
+    name: str,
+    *,
+    key: Any = None,
+    configure: Configure | None = None,
+    requires: tuple[str, ...] | list[str] = (),
+) -> Callable[[Builder], Builder]:
     """Register the decorated function as the builder of template ``name``.
 
     The function receives an empty directory (a :class:`pathlib.Path`) to fill, and may
     return a JSON-serialisable value that every user of the template receives as
     ``Template.value``. ``key`` versions the template: a published template is reused
     by later runs (with an explicit lock dir) only while its key is equal.
+    ``configure(template)`` runs once in every process that gets the template, the
+    builder's included: the place for environment variables, app config, connections.
+    ``requires`` names the templates this one is built on: the builder is then called as
+    ``build(path, layers)``, and a change to a layer rebuilds this template too.
 
     Example, in a ``conftest.py``::
 
@@ -97,9 +127,11 @@ def template(name: str, *, key: Any = None) -> Callable[[Builder], Builder]:
             create_database(path / "db.sqlite3")
     """
     check_name(name)
+    if isinstance(requires, str):
+        requires = (requires,)
 
     def decorate(build: Builder) -> Builder:
-        REGISTRY.add(name, build, key)
+        REGISTRY.add(name, build, key, configure=configure, requires=tuple(requires))
         return build
 
     return decorate

@@ -12,11 +12,15 @@ so every other request of the run fails fast with its cause.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 import os
 import stat
+import sys
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,9 +33,11 @@ from .exceptions import (
     DISK_FULL,
     LockDirError,
     PrewarmBuildError,
+    PrewarmConfigureError,
     PrewarmLockError,
     PrewarmTimeout,
     PrewarmUsageError,
+    PrewarmWarning,
     timeout_hint,
 )
 from .failure import (
@@ -52,10 +58,12 @@ from .locks import lock_factory
 from .names import canonical_key, check_name
 from .records import Meta, failure_to_json, hold_id, read_failure
 from .registry import Registry
+from .supply import Supplied
 from .trust import check_dir, is_mine, kind_of, make_dir, remove_tree
 from .values import json_round_trip, type_name
 
-Builder = Callable[[Path], Any]
+Builder = Callable[..., Any]  # build(path), or build(path, layers) with requires=
+Configure = Callable[["Template"], object]
 
 
 class Template(os.PathLike[str]):
@@ -67,10 +75,17 @@ class Template(os.PathLike[str]):
     published, for example by an earlier run sharing the lock dir).
     """
 
-    __slots__ = ("built_by", "key", "name", "origin", "path", "value")
+    __slots__ = ("built_by", "digest", "key", "name", "origin", "path", "value")
 
     def __init__(
-        self, name: str, key: Any, path: Path, value: Any, origin: str, built_by: str
+        self,
+        name: str,
+        key: Any,
+        path: Path,
+        value: Any,
+        origin: str,
+        built_by: str,
+        digest: str | None = None,
     ) -> None:
         self.name = name
         self.key = key
@@ -78,6 +93,12 @@ class Template(os.PathLike[str]):
         self.value = value
         self.origin = origin
         self.built_by = built_by
+        self.digest = digest  # of its tree at publication; None for a supplied one
+
+    @property
+    def identity(self) -> str:
+        """What a template built on this one keys on: its content, or where it was supplied."""
+        return self.digest or f"supplied:{self.path}"
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -102,6 +123,8 @@ class TemplateFactory(Protocol):
         *,
         key: Any = None,
         timeout: float | None = None,
+        configure: Configure | None = None,
+        requires: Sequence[Template | str] = (),
     ) -> Template: ...
 
 
@@ -112,6 +135,9 @@ class Request:
     key: Any
     timeout: float
     timeout_source: str = "default"
+    configure: Configure | None = None
+    # The layers it is built on: templates already got, or requests for registered ones.
+    requires: tuple[Request | Template, ...] = ()
 
     @property
     def timeout_hint(self) -> str:
@@ -140,10 +166,16 @@ def make_request(
     registry: Registry,
     default_timeout: float,
     default_source: str,
+    configure: Configure | None = None,
+    requires: Sequence[Template | str] = (),
+    chain: tuple[str, ...] = (),
 ) -> Request:
     """The request for a call ``prewarmed_template(name, build, key=..., timeout=...)``.
 
-    Without ``build``, the builder (and key) registered under ``name`` is used.
+    Without ``build``, the builder (and key, configure hook and layers) registered under
+    ``name`` is used. Layers named by string are registered templates, requested in turn;
+    ``chain`` is the names being resolved above this one, so a cycle is an error here,
+    before anything is built or waited for.
     """
     registered = registry.get(name) if isinstance(name, str) else None
     if build is None:
@@ -156,11 +188,64 @@ def make_request(
         build = registered.build
         if key is None:
             key = registered.key
+        if configure is None:
+            configure = registered.configure
+        if not requires:
+            requires = registered.requires
     if not callable(build):
         raise PrewarmUsageError(f"build for template {name!r} is not callable: {build!r}")
+    if configure is not None and not callable(configure):
+        raise PrewarmUsageError(f"configure= for template {name!r} is not callable: {configure!r}")
+    if isinstance(requires, str | Template):
+        requires = (requires,)
+    layers: list[Request | Template] = []
+    for layer in requires:
+        if isinstance(layer, Template):
+            layers.append(layer)
+        elif isinstance(layer, str):
+            if layer in (*chain, name):
+                cycle = " -> ".join(repr(n) for n in (*chain, name, layer))
+                raise PrewarmUsageError(
+                    f"templates require each other in a cycle: {cycle}; a template cannot be "
+                    "built on itself, so remove one of these requires="
+                )
+            layers.append(
+                make_request(
+                    layer,
+                    None,
+                    None,
+                    None,
+                    registry=registry,
+                    default_timeout=default_timeout,
+                    default_source=default_source,
+                    chain=(*chain, name),
+                )
+            )
+        else:
+            raise PrewarmUsageError(
+                f"requires= of template {name!r} holds {layer!r}; give Template objects (from "
+                "prewarmed_template) or the names of registered templates"
+            )
+    if layers:
+        _check_takes_layers(name, build)
     if timeout is None:
-        return Request(name, build, key, default_timeout, default_source)
-    return Request(name, build, key, check_timeout(timeout, name=str(name)), "timeout= in the call")
+        return Request(name, build, key, default_timeout, default_source, configure, tuple(layers))
+    seconds = check_timeout(timeout, name=str(name))
+    return Request(name, build, key, seconds, "timeout= in the call", configure, tuple(layers))
+
+
+def _check_takes_layers(name: str, build: Builder) -> None:
+    """A builder with layers is called ``build(path, layers)``: say so before it runs."""
+    try:
+        inspect.signature(build).bind(Path(), {})
+    except TypeError:
+        raise PrewarmUsageError(
+            f"template {name!r} has requires=, so its builder is called as "
+            f"build(path, layers), with layers a dict of name -> Template; "
+            f"{getattr(build, '__qualname__', build)!r} does not take two arguments"
+        ) from None
+    except ValueError:  # no signature to inspect (a builtin): let the call decide
+        return
 
 
 Notice = Callable[[str, float, Holder], None]
@@ -181,8 +266,10 @@ class TemplateStore:
         lock_mode: str = LockMode.FLOCK,
         stale_after: float = 60.0,
         heartbeat: float = 2.0,
+        supplied: Mapping[str, Supplied] | None = None,
     ) -> None:
         self.layout = Layout(lock_dir)
+        self.supplied = dict(supplied or {})
         self.lock_dir = lock_dir
         self.run_id = run_id
         self.worker = worker
@@ -197,7 +284,7 @@ class TemplateStore:
         self.boot_id = boot_id()
         self.events: list[TemplateEvent] = []
         self.on_event: Callable[[TemplateEvent], None] | None = None
-        self._results: dict[str, Template | PrewarmBuildError] = {}
+        self._results: dict[str, Template | PrewarmBuildError | PrewarmConfigureError] = {}
         self._guards: dict[str, threading.Lock] = {}
         self._guards_lock = threading.Lock()
         self._guard_owners: dict[str, int] = {}  # tid -> thread ident holding its guard
@@ -247,7 +334,13 @@ class TemplateStore:
     def _get(self, request: Request, *, wait: bool) -> Template | None:
         __tracebackhide__ = True  # users need the builder's frames, not ours
         name = check_name(request.name)
+        layers = {layer.name: layer for layer in map(self._layer, request.requires)}
         canonical = canonical_key(request.key, name=name)
+        if layers:
+            # Built on other templates: their content is part of its identity, so a changed
+            # layer gives another id, and this template is built again on the new one.
+            ids = {n: t.identity for n, t in sorted(layers.items())}
+            canonical = f"{canonical} on {json.dumps(ids, sort_keys=True)}"
         tid = template_id(name, canonical)
         guard = self._guard(tid)
         me = threading.get_ident()
@@ -271,12 +364,16 @@ class TemplateStore:
         self._guard_owners[tid] = me
         try:
             cached = self._results.get(tid)
-            if isinstance(cached, PrewarmBuildError):
+            if isinstance(cached, PrewarmBuildError | PrewarmConfigureError):
                 raise cached.with_traceback(None)  # not one more frame per re-raise
             if cached is not None:
                 return cached
             try:
-                template = _Fetch(self, request, tid, canonical).run(wait=wait)
+                supplied = self.supplied.get(name)
+                if supplied is not None:
+                    template: Template | None = self._supplied(request, supplied)
+                else:
+                    template = _Fetch(self, request, tid, canonical, layers).run(wait=wait)
             except PrewarmBuildError as exc:
                 self._results[tid] = exc  # one attempt per run, in this process too
                 raise
@@ -285,11 +382,40 @@ class TemplateStore:
                 # too long): say so in words, never as a raw OSError from deep inside.
                 raise PrewarmLockError.lock_dir_failed(name, self.lock_dir, exc) from exc
             if template is not None:
+                self._configure(tid, request, template)
                 self._results[tid] = template
             return template
         finally:
             del self._guard_owners[tid]
             guard.release()
+
+    def _layer(self, layer: Request | Template) -> Template:
+        return layer if isinstance(layer, Template) else self.get(layer)
+
+    def _supplied(self, request: Request, supplied: Supplied) -> Template:
+        """A directory given from outside: used as it is, for every key, never touched."""
+        self.emit(
+            TemplateEvent(
+                request.name,
+                self.worker,
+                Outcome.SUPPLIED,
+                built_by=f"{supplied.path} (from {supplied.source})",
+                pid=os.getpid(),
+            )
+        )
+        return Template(request.name, request.key, supplied.path, None, Origin.SUPPLIED, "supplied")
+
+    def _configure(self, tid: str, request: Request, template: Template) -> None:
+        """Run the template's configure hook, once in this process, whoever built it."""
+        if request.configure is None:
+            return
+        try:
+            request.configure(template)
+        except Exception as exc:
+            error = PrewarmConfigureError(request.name, self.worker, exc)
+            error.__cause__ = exc
+            self._results[tid] = error  # once per process, like a failed build
+            raise error from exc
 
     def _guard(self, tid: str) -> threading.Lock:
         # Threads of one process (an eager background build and a test) serialise here,
@@ -309,8 +435,16 @@ _Done = _Failed | Meta
 class _Fetch:
     """One uncached request for one template in this process, start to end."""
 
-    def __init__(self, store: TemplateStore, request: Request, tid: str, canonical: str) -> None:
+    def __init__(
+        self,
+        store: TemplateStore,
+        request: Request,
+        tid: str,
+        canonical: str,
+        layers: dict[str, Template],
+    ) -> None:
         self.store = store
+        self.layers = layers
         self.request = request
         self.name = request.name
         self.tid = tid
@@ -455,23 +589,18 @@ class _Fetch:
         verdict = acquired.previous_verdict
         if recovered and verdict is not None and verdict.state is Liveness.ALIVE:
             recovered += " (lock released without a clean release)"  # pragma: no cover
-        # A meta.json that this user did not write stops us before anything is swept.
-        self._check_ours(None)
-        previous = self._published()
-        reason = None
-        if previous is not None:
-            reused, reason = self._verify(previous, waited)
-            if reused is not None:
-                return reused
-        self._sweep_builds(previous)
+        previous, reason, reused = self._before_building(waited)
+        if reused is not None:
+            return reused
         attempt = self.layout.new_build(self.tid)
         data = attempt / DATA_DIR
         data.mkdir(mode=0o700, parents=True)
         started = clock.monotonic()
         output = self._capture(data)
+        before = _ProcessState()
         try:
             with output:  # the build's stdout and stderr, teed to its log (see capture.py)
-                returned = self.request.build(data)
+                returned = self._call_builder(data)
             value = json_round_trip(returned, self.name)
             output.discard()
         except Exception as exc:
@@ -507,6 +636,7 @@ class _Fetch:
             build_seconds=build_seconds,
             published_at=clock.wall(),
             holder=hold_id(self.lock.held_by()),
+            requires={n: t.identity for n, t in self.layers.items()} or None,
         )
         try:
             meta = self._publish(attempt, meta, previous)
@@ -528,7 +658,31 @@ class _Fetch:
             recovered_from=recovered,
             note=reason,
         )
+        if self.request.configure is None:
+            before.warn_if_changed(self.name)
         return self._template(meta, Origin.BUILT)
+
+    def _before_building(self, waited: float) -> tuple[Meta | None, str | None, Template | None]:
+        """``(published, why it is built again, None)``, or the template if it verified.
+
+        We hold the lock. A meta.json that this user did not write stops us before
+        anything is swept; builds that meta.json does not name are swept.
+        """
+        self._check_ours(None)
+        previous = self._published()
+        reason = None
+        if previous is not None:
+            reused, reason = self._verify(previous, waited)
+            if reused is not None:
+                return previous, None, reused
+        self._sweep_builds(previous)
+        return previous, reason, None
+
+    def _call_builder(self, data: Path) -> Any:
+        __tracebackhide__ = True  # users need the builder's frames, not ours
+        if self.request.requires:
+            return self.request.build(data, dict(self.layers))
+        return self.request.build(data)
 
     def _failed(
         self,
@@ -795,6 +949,7 @@ class _Fetch:
                 recovered_from=recovered_from,
                 pid=os.getpid(),
                 note=note,
+                key=self.canonical,
             )
         )
 
@@ -806,7 +961,49 @@ class _Fetch:
             value=meta.value,
             origin=origin,
             built_by=meta.built_by,
+            digest=meta.digest,
         )
 
 
 LOGS_KEPT = 5  # logs of failed builds kept per template in the lock dir
+
+
+class _ProcessState:
+    """What a builder may change in its own process that other processes never see."""
+
+    def __init__(self) -> None:
+        self.environ = dict(os.environ)
+        self.cwd = _cwd()
+        self.sys_path = list(sys.path)
+
+    def warn_if_changed(self, template: str) -> None:
+        changed = []
+        now = dict(os.environ)
+        keys = self.environ.keys() | now.keys()
+        names = sorted(k for k in keys if self.environ.get(k) != now.get(k))
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            shown = ", ".join(names[:3]) + more
+            changed.append(f"environment ({shown})")
+        if _cwd() != self.cwd:
+            changed.append("working directory")
+        if sys.path != self.sys_path:
+            changed.append("sys.path")
+        if changed:
+            warnings.warn(
+                PrewarmWarning(
+                    f"the builder of template {template!r} changed this process's "
+                    f"{' and '.join(changed)}. Only the process that builds sees that; the "
+                    "others, and later runs, get the template without it. Do per-process "
+                    "set-up in configure=, which runs in every process that gets the "
+                    "template (docs/usage.md, 'Build once, configure every process')."
+                ),
+                stacklevel=2,
+            )
+
+
+def _cwd() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # removed under us: compare as unknown
+        return None

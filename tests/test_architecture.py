@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pytest_prewarm"
 LAYERS: list[set[str]] = [
     {"_version", "clock", "kinds", "exceptions", "console", "portable", "capture"},
     {"names", "trust", "fstype", "values"},
-    {"files"},
+    {"files", "supply"},
     {"owner", "digest"},
     {"liveness", "records"},
     {"layout"},
@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"flock", "lease"},
     {"locks", "events", "registry"},
     {"request"},
-    {"eager", "report", "lockdir"},
+    {"eager", "report", "lockdir", "keys"},
     {"config", "marker"},  # the pytest edge
     {"plugin"},  # the pytest11 entry point
 ]

@@ -313,6 +313,7 @@ def test_the_json_report_lists_builds_waits_failures_and_recoveries_per_template
         "wait_total_seconds": 1.75,
         "wait_longest_seconds": 1.25,
         "recoveries": ["gw1 reclaimed the lock from gw0, pid 10: dead, no such process"],
+        "notes": [],
     }
     assert venv["outcome"] == "failed"
     assert venv["failures"] == [
