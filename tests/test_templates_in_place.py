@@ -332,7 +332,8 @@ def test_a_changed_layer_rebuilds_the_templates_built_on_it_and_nothing_else(tmp
     same = run(base_v1, "1", "run-2")
     changed = run(base_v2, "2", "run-3")
 
-    assert (len(base_v1.calls), len(base_v2.calls), len(app.calls), len(other.calls)) == (1, 1, 2, 1)
+    calls = [len(b.calls) for b in (base_v1, base_v2, app, other)]
+    assert calls == [1, 1, 2, 1]
     assert same.path == first.path
     assert changed.path != first.path
     assert json.loads(changed.value["on"])["base"] == str(base_v2.calls[0])
