@@ -57,6 +57,11 @@ class TemplateSummary:
             return f"failed in {first.worker} after {_secs(first.build_seconds or 0.0)}: {message}"
         if code == "supplied":
             return f"supplied: {self.supplied[0].built_by}, not built"
+        verified = [e for e in self.reused + self.waits if e.note and "verified" in e.note]
+        if code == "reused" and verified:
+            return (
+                f"reused: restored from another boot and verified, built by {verified[0].built_by}"
+            )
         others = [e for e in self.waits if e.outcome == Outcome.WAITED and e.built_by]
         if code == "reused" and others:
             return f"built by another run ({others[0].built_by}) while this one waited"

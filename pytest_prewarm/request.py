@@ -769,10 +769,13 @@ class _Fetch:
         self._check_ours(None)
         write_atomic(self.layout.meta_file(self.tid), meta.to_json())
         self.lock.release(finished=True)
+        built_by = meta.built_by
+        if meta.run_id != self.store.run_id:
+            built_by = f"{built_by} of run {meta.run_id[:8]}"
         self._event(
             Outcome.REUSED,
             waited,
-            built_by=meta.built_by,
+            built_by=built_by,
             note=f"restored from another boot, verified in {clock.monotonic() - started:.2f} s",
         )
         return self._template(meta, Origin.REUSED), None
