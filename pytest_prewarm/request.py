@@ -714,9 +714,8 @@ class _Fetch:
         data = attempt / DATA_DIR
         try:
             self._confirm_held(attempt)
-            tree = manifest(data)
-            write_atomic(self.layout.manifest_file(self.tid, attempt.name), tree)
-            meta = meta.replace(build=attempt.name, digest=digest_of(tree), data_path=str(data))
+            digest = self._record_manifest(attempt)
+            meta = meta.replace(build=attempt.name, digest=digest, data_path=str(data))
             self._check_ours(attempt)
             self._confirm_held(attempt)
             write_atomic(self.layout.meta_file(self.tid), meta.to_json())
@@ -727,6 +726,23 @@ class _Fetch:
         if previous is not None and previous.build != meta.build:
             self._trash(self._superseded(previous))  # stale: other boot, or --prewarm-rebuild
         return meta
+
+    def _record_manifest(self, attempt: Path) -> str | None:
+        """Write the build's manifest; its digest, or None if the tree cannot be read whole.
+
+        A file the builder made unreadable (or a tree that changes while it is walked, a
+        server's) only costs the template its travel between boots: without a digest it
+        is built again in another boot, never served unverified. A full disk is still an
+        error of the lock dir.
+        """
+        try:
+            tree = manifest(attempt / DATA_DIR)
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                raise
+            return None
+        write_atomic(self.layout.manifest_file(self.tid, attempt.name), tree)
+        return digest_of(tree)
 
     def _superseded(self, previous: Meta) -> Path:
         # A format-1 template's data sat beside meta.json: only data/ is the old build.
