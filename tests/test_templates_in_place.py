@@ -389,3 +389,24 @@ def test_a_builder_with_layers_must_take_them(tmp_path):
             default_source="t",
             requires=[42],
         )
+
+
+@pytest.mark.parametrize("planted", ["../../victim", "data", "", "meta.json", 7])
+def test_a_meta_json_naming_a_build_outside_its_shape_is_not_used(tmp_path, planted):
+    build = Builder()
+    first = store(tmp_path / "locks").get(request(build))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "data").mkdir()
+    (victim / "data" / "precious.txt").write_text("mine")
+    meta = meta_path(tmp_path / "locks")
+    doc = json.loads(meta.read_text())
+    doc["build"] = planted  # format 2 with a name that is not <pid>-<8 hex>
+    meta.write_text(json.dumps(doc))
+
+    again = store(tmp_path / "locks", run_id="run-2").get(request(build))
+
+    assert len(build.calls) == 2  # not served: built again, over the unusable record
+    assert again.path.is_relative_to(first.path.parent.parent)
+    assert (victim / "data" / "precious.txt").read_text() == "mine"
+    assert json.loads(meta.read_text())["build"] == again.path.parent.name
