@@ -442,34 +442,6 @@ def test_ctrl_c_during_an_eager_build_ends_the_run_at_once(hostile, tmp_path):
 # -- a full disk ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path):
-    """A 2 MiB tmpfs with few inodes, mounted in a private mount namespace's view... or skip."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    done = subprocess.run(
-        [
-            "mount",
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=2m,nr_inodes=400,mode=0700",
-            "tmpfs",
-            str(mount_point),
-        ],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs: {done.stderr.decode(errors='replace').strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
 @pytest.mark.parametrize("exhaust", ["fill", "inodes"])
 def test_a_full_disk_during_a_build_is_a_clear_error_and_the_next_run_starts(
     hostile, small_tmpfs, exhaust
