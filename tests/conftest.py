@@ -218,6 +218,12 @@ class Tmpfs:
         self._mounted.append(mount_point)
         return mount_point
 
+    def remount(self, mount_point: Path, options: str) -> None:
+        """Change the options of a mount made here (``ro``: a read-only disk)."""
+        subprocess.run(
+            ["mount", "-o", f"remount,{options}", str(mount_point)], check=True, timeout=30
+        )
+
     def unmount_all(self) -> None:
         for mount_point in reversed(self._mounted):
             subprocess.run(["umount", "-l", str(mount_point)], check=False, timeout=30)
@@ -252,6 +258,26 @@ def fill_up(directory: Path) -> Path:
 def small_tmpfs(tmpfs: Tmpfs) -> Path:
     """A 2 MiB tmpfs with 400 inodes: a build fills it quickly (a full disk), or skip."""
     return tmpfs.mount("size=2m,nr_inodes=400")
+
+
+def let_other_users_save_coverage() -> None:
+    """Let measured children that drop to another uid save their coverage data.
+
+    coverage.py writes each process's data next to the data file, in a directory made by
+    the user running the suite; a child that dropped to another uid (tests of liveness
+    seen by another user) could not write there, and what it ran went unmeasured. The
+    directory becomes sticky and writable by all, as /tmp is. Unmeasured runs: nothing.
+    """
+    try:
+        import coverage
+    except ImportError:  # coverage is a test dependency, but the suite runs without it
+        return
+    current = coverage.Coverage.current()
+    if current is None:
+        return
+    data_dir = Path(current.get_data().data_filename()).parent
+    with contextlib.suppress(OSError):
+        data_dir.chmod(0o1777)
 
 
 # Written into every inner suite as prewarm_probe.py: what inner builders and tests use to

@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import linux_proc_only
+from conftest import let_other_users_save_coverage, linux_proc_only
 
 from pytest_prewarm import liveness
 from pytest_prewarm.liveness import HostIdentity, Liveness, Verdict
@@ -356,6 +356,7 @@ class Procs:
 
 @pytest.fixture
 def procs(tmp_path: Path) -> Iterator[Procs]:
+    let_other_users_save_coverage()  # some children drop to OTHER_UID or NOBODY
     manager = Procs(tmp_path)
     try:
         yield manager
