@@ -254,6 +254,20 @@ def fill_up(directory: Path) -> Path:
     return filler
 
 
+def use_up_inodes(directory: Path) -> list[Path]:
+    """Create empty files in ``directory`` until its filesystem has no inode left."""
+    made: list[Path] = []
+    try:
+        while True:
+            path = directory / f"inode-{len(made)}"
+            path.touch()
+            made.append(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    return made
+
+
 @pytest.fixture
 def small_tmpfs(tmpfs: Tmpfs) -> Path:
     """A 2 MiB tmpfs with 400 inodes: a build fills it quickly (a full disk), or skip."""

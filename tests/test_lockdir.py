@@ -5,14 +5,13 @@ per-run dirs and the sweep of dead runs' dirs. Full disks and read-only disks ar
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import Tmpfs, fill_up
+from conftest import Tmpfs, fill_up, use_up_inodes
 
 from pytest_prewarm.exceptions import LockDirError
 from pytest_prewarm.kinds import LockMode
@@ -27,21 +26,6 @@ from pytest_prewarm.lockdir import (
     remove_run_dir,
     sweep_orphans,
 )
-
-
-def use_up_inodes(directory: Path) -> list[Path]:
-    """Create empty files in ``directory`` until its filesystem has no inode left."""
-    made = []
-    try:
-        while True:
-            path = directory / f"inode-{len(made)}"
-            path.touch()
-            made.append(path)
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-    return made
-
 
 # -- adopting a directory that has no tag ---------------------------------------------------
 
