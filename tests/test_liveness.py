@@ -23,6 +23,7 @@ from typing import Any
 
 import psutil
 import pytest
+from _workers import proc_state
 from conftest import let_other_users_save_coverage, linux_proc_only
 
 from pytest_prewarm import liveness
@@ -250,15 +251,6 @@ def poll_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.001)
-
-
-def proc_state(pid: int) -> str | None:
-    """Field 3 of /proc/PID/stat (R, S, Z, ...), or None if the pid is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rpartition(")")[2].split()[0]
 
 
 def created_at(ticks: int | None) -> float | None:
