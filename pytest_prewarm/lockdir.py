@@ -149,7 +149,7 @@ def check_dir_or_mine(path: Path) -> None:
 
 
 def _prove_writable(layout: Layout, hint: str) -> None:
-    for attempt in range(2):
+    for attempt in range(2):  # pragma: no branch - the second attempt returns or raises
         try:
             fd, probe = tempfile.mkstemp(prefix=".prewarm-probe-", dir=layout.root)
             os.close(fd)

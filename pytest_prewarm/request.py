@@ -293,12 +293,6 @@ class TemplateStore:
         for leftover in self.layout.trash.iterdir():
             delete_in_background(leftover)
 
-    def template_id(self, name: str, canonical: str) -> str:
-        return template_id(name, canonical)
-
-    def published_dir(self, tid: str) -> Path:
-        return self.layout.template_dir(tid)
-
     def forget_run(self) -> None:
         """Remove this run's failure records; a later run must try again anyway."""
         for path in self.layout.failures_of_run(self.run_id):

@@ -23,13 +23,13 @@ from .exceptions import LockDirError
 
 def my_uid() -> int | None:
     if sys.platform == "win32":  # no user ids to compare
-        return None
+        return None  # pragma: no cover - Windows only
     return os.geteuid()
 
 
 def owner_name(uid: int) -> str:
     if sys.platform == "win32":  # no pwd module there
-        return f"uid {uid}"
+        return f"uid {uid}"  # pragma: no cover - Windows only
     import pwd
 
     try:
@@ -121,14 +121,14 @@ def remove_tree(path: Path) -> None:
     if shutil.rmtree.avoids_symlink_attacks:
         shutil.rmtree(path, ignore_errors=True)
         return
-    for root, dirs, files in os.walk(path, topdown=False, followlinks=False):  # pragma: no cover
+    for root, dirs, files in os.walk(path, topdown=False, followlinks=False):
         for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(root, name))
         for name in dirs:
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.join(root, name))
-    with contextlib.suppress(OSError):  # pragma: no cover
+    with contextlib.suppress(OSError):
         os.rmdir(path)
 
 

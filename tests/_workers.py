@@ -215,7 +215,10 @@ SCRIPT = str(Path(__file__).resolve())
 
 
 def proc_state(pid: int) -> str | None:
-    """Field 3 of /proc/PID/stat (R, S, T, Z...), or None once the pid is gone."""
+    """Field 3 of /proc/PID/stat (R, S, T, t, Z...), or None once the pid is gone.
+
+    The one reader of it for every test file (test_lease, test_liveness, test_filelock_peers).
+    """
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:

@@ -6,9 +6,11 @@ Nothing here is autouse: a test asks for what it needs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,6 +192,106 @@ def processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
         yield procs
     finally:
         procs.reap()
+
+
+class Tmpfs:
+    """Mounts small tmpfs filesystems for one test (a full disk, a read-only one), or skips."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._mounted: list[Path] = []
+
+    def mount(self, options: str = "size=2m,nr_inodes=400") -> Path:
+        """A fresh tmpfs mounted with ``options`` (mode 0700 added); skips if that is refused."""
+        if os.name != "posix" or os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("mounting a tmpfs needs root and mount(8)")
+        mount_point = self._root / f"tmpfs-{len(self._mounted)}"
+        mount_point.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"{options},mode=0700", "tmpfs", str(mount_point)],
+            capture_output=True,
+            check=False,
+            timeout=30,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount tmpfs: {done.stderr.decode(errors='replace').strip()}")
+        self._mounted.append(mount_point)
+        return mount_point
+
+    def remount(self, mount_point: Path, options: str) -> None:
+        """Change the options of a mount made here (``ro``: a read-only disk)."""
+        subprocess.run(
+            ["mount", "-o", f"remount,{options}", str(mount_point)], check=True, timeout=30
+        )
+
+    def unmount_all(self) -> None:
+        for mount_point in reversed(self._mounted):
+            subprocess.run(["umount", "-l", str(mount_point)], check=False, timeout=30)
+
+
+@pytest.fixture
+def tmpfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tmpfs]:
+    """``tmpfs.mount(options)``: a small tmpfs of its own; every one is unmounted after."""
+    mounts = Tmpfs(tmp_path_factory.mktemp("mounts"))
+    try:
+        yield mounts
+    finally:
+        mounts.unmount_all()
+
+
+def fill_up(directory: Path) -> Path:
+    """Write one file in ``directory`` until its filesystem is full; that file's path."""
+    filler = directory / "filler.bin"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    return filler
+
+
+def use_up_inodes(directory: Path) -> list[Path]:
+    """Create empty files in ``directory`` until its filesystem has no inode left."""
+    made: list[Path] = []
+    try:
+        while True:
+            path = directory / f"inode-{len(made)}"
+            path.touch()
+            made.append(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    return made
+
+
+@pytest.fixture
+def small_tmpfs(tmpfs: Tmpfs) -> Path:
+    """A 2 MiB tmpfs with 400 inodes: a build fills it quickly (a full disk), or skip."""
+    return tmpfs.mount("size=2m,nr_inodes=400")
+
+
+def let_other_users_save_coverage() -> None:
+    """Let measured children that drop to another uid save their coverage data.
+
+    coverage.py writes each process's data next to the data file, in a directory made by
+    the user running the suite; a child that dropped to another uid (tests of liveness
+    seen by another user) could not write there, and what it ran went unmeasured. The
+    directory becomes sticky and writable by all, as /tmp is. Unmeasured runs: nothing.
+    """
+    try:
+        import coverage
+    except ImportError:  # coverage is a test dependency, but the suite runs without it
+        return
+    current = coverage.Coverage.current()
+    if current is None:
+        return
+    data_dir = Path(current.get_data().data_filename()).parent
+    with contextlib.suppress(OSError):
+        data_dir.chmod(0o1777)
 
 
 # Written into every inner suite as prewarm_probe.py: what inner builders and tests use to

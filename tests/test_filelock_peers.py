@@ -30,6 +30,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from _workers import proc_state
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the holders' states are read from Linux /proc"
@@ -139,15 +140,6 @@ def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -
             pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.002)
     return result
-
-
-def proc_state(pid: int) -> str | None:
-    """Field 3 of /proc/PID/stat: R, S, T, t, Z... or None once the pid is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rpartition(")")[2].split()[0]
 
 
 def lease(path: Path, duration: float) -> Any:

@@ -24,6 +24,7 @@ import pytest
 from conftest import env_without_leaks, wait_until
 
 from pytest_prewarm.layout import TAG_FILE, Layout, template_id
+from pytest_prewarm.lockdir import prepare
 from pytest_prewarm.names import canonical_key
 
 pwd = pytest.importorskip("pwd", reason="another local user, POSIX modes and FIFOs")
@@ -55,6 +56,9 @@ CONFTEST = """
             # Create files until the filesystem has no inodes left: ENOSPC again.
             for n in range(100000):
                 (path / f"f{n}").touch()
+        if mode == "fail":
+            print("the build's own words")
+            raise RuntimeError("the build failed")
         if mode == "slow":
             Path(os.environ["HOSTILE_STARTED"]).touch()
             threading.Event().wait()  # a build that never ends on its own
@@ -351,6 +355,43 @@ def test_a_special_file_at_the_owner_record_never_blocks_and_releases_the_lock(h
     assert seconds < 30
 
 
+@pytest.mark.parametrize("outcome", ["ok", "fail"])
+def test_files_planted_at_partial_build_log_names_are_never_opened_or_followed(hostile, outcome):
+    lock_dir = prepare(hostile.root / "locks", "test")
+    layout = Layout(lock_dir)
+    layout.ensure()
+    # What a dead builder's partial logs would be named, holding what no log would be.
+    fifo = lock_dir / "failures" / f".{db_tid()}+1-0000fifo.partial"
+    os.mkfifo(fifo)
+    directory = lock_dir / "failures" / f".{db_tid()}+2-00000dir.partial"
+    directory.mkdir()
+    (directory / "inside.txt").write_text("x")
+    link = lock_dir / "failures" / f".{db_tid()}+3-0000link.partial"
+    link.symlink_to(hostile.victim / "notes.txt")
+    assert sorted(layout.partial_logs(db_tid())) == [fifo, directory, link]
+
+    code, out, seconds = hostile.run(
+        "-n", "2", "--prewarm-lock-dir", str(lock_dir), env={"HOSTILE_BUILD": outcome}
+    )
+
+    assert hostile.victim_untouched(), out
+    assert seconds < 30  # nothing blocked opening the FIFO, no waiter hung
+    assert "INTERNALERROR" not in out
+    assert hostile.builds() == 1
+    if outcome == "ok":
+        assert code == 0, out
+    else:
+        assert code == 1, out
+        assert "building template 'db' failed in gw" in out
+        (log,) = layout.build_logs(db_tid())
+        assert f"Full log: {log}" in out
+        assert "the build's own words" in log.read_text()
+    # The lock holder clears a dead builder's partial logs: a FIFO or a link there is
+    # unlinked (the link, never its target); a directory cannot be, and is left as it is.
+    assert layout.partial_logs(db_tid()) == [directory]
+    assert (directory / "inside.txt").read_text() == "x"
+
+
 # -- a stale record of a live process ---------------------------------------------------------
 
 
@@ -445,34 +486,6 @@ def test_ctrl_c_during_an_eager_build_ends_the_run_at_once(hostile, tmp_path):
 
 
 # -- a full disk ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path: Path):
-    """A 2 MiB tmpfs with few inodes, mounted in a private mount namespace's view... or skip."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    done = subprocess.run(
-        [
-            "mount",
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=2m,nr_inodes=400,mode=0700",
-            "tmpfs",
-            str(mount_point),
-        ],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs: {done.stderr.decode(errors='replace').strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 @pytest.mark.parametrize("exhaust", ["fill", "inodes"])

@@ -23,7 +23,8 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import linux_proc_only
+from _workers import proc_state
+from conftest import let_other_users_save_coverage, linux_proc_only
 
 from pytest_prewarm import liveness
 from pytest_prewarm.liveness import HostIdentity, Liveness, Verdict
@@ -252,15 +253,6 @@ def poll_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) 
         time.sleep(0.001)
 
 
-def proc_state(pid: int) -> str | None:
-    """Field 3 of /proc/PID/stat (R, S, Z, ...), or None if the pid is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rpartition(")")[2].split()[0]
-
-
 def created_at(ticks: int | None) -> float | None:
     """psutil's create_time on Linux for a process started at ``ticks``: both start times
     of a record then name one process, so a test reads the same on either code path."""
@@ -356,6 +348,7 @@ class Procs:
 
 @pytest.fixture
 def procs(tmp_path: Path) -> Iterator[Procs]:
+    let_other_users_save_coverage()  # some children drop to OTHER_UID or NOBODY
     manager = Procs(tmp_path)
     try:
         yield manager

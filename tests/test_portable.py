@@ -23,6 +23,7 @@ from conftest import LEAKY_ENV, Suite, wait_until
 from pytest_prewarm import clock, flock, liveness, portable
 from pytest_prewarm.layout import Layout
 from pytest_prewarm.liveness import Liveness, Verdict
+from pytest_prewarm.owner import OwnerRecord
 
 LINUX = sys.platform.startswith("linux")
 
@@ -130,14 +131,19 @@ def child() -> Iterator[subprocess.Popen[bytes]]:
         proc.wait(timeout=30)
 
 
-def test_a_forced_record_of_a_pid_started_a_linux_tick_later_is_a_reused_pid(
-    forced: None, child: subprocess.Popen[bytes]
-) -> None:
-    record = dataclasses.replace(
+def record_of(child: subprocess.Popen[bytes]) -> OwnerRecord:
+    """An owner record naming ``child`` as the portable path writes one: by create_time."""
+    return dataclasses.replace(
         liveness.own_record("gw0", "run"),
         pid=child.pid,
         create_time=psutil.Process(child.pid).create_time(),
     )
+
+
+def test_a_forced_record_of_a_pid_started_a_linux_tick_later_is_a_reused_pid(
+    forced: None, child: subprocess.Popen[bytes]
+) -> None:
+    record = record_of(child)
     assert liveness.classify(record) == Verdict(Liveness.ALIVE, "running")
     for moved in (-0.01, 0.01, -1.0):  # one tick of Linux's USER_HZ either way, a second
         verdict = liveness.classify(
@@ -150,11 +156,7 @@ def test_a_forced_record_of_a_pid_started_a_linux_tick_later_is_a_reused_pid(
 def test_a_forced_holder_killed_is_dead_as_a_zombie_and_after_its_reaping(
     forced: None, child: subprocess.Popen[bytes]
 ) -> None:
-    record = dataclasses.replace(
-        liveness.own_record("gw0", "run"),
-        pid=child.pid,
-        create_time=psutil.Process(child.pid).create_time(),
-    )
+    record = record_of(child)
     child.kill()  # SIGKILL, not reaped yet
     wait_until(
         lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE,

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import threading
 from pathlib import Path
 
 import pytest
+from conftest import fill_up
 
 from pytest_prewarm import PrewarmBuildError, PrewarmTimeout, PrewarmUsageError, Template
+from pytest_prewarm.exceptions import PrewarmLockError
 from pytest_prewarm.names import canonical_key, file_stem, key_digest
-from pytest_prewarm.request import Request, TemplateStore
+from pytest_prewarm.registry import Registry
+from pytest_prewarm.request import Request, TemplateStore, make_request
 
 
 class Builder:
@@ -284,3 +288,178 @@ def test_the_store_creates_its_directories_owner_only(tmp_path):
 
     for sub in ("locks", "templates", "failures", "trash", "events"):
         assert (lock_dir / sub).stat().st_mode & 0o777 == 0o700
+
+
+# -- requests made from a call ---------------------------------------------------------------
+
+
+def make(build=None, timeout=None, registry=None, key=None, name="db"):
+    return make_request(
+        name,
+        build,
+        key,
+        timeout,
+        registry=registry or Registry(),
+        default_timeout=1800.0,
+        default_source="the default",
+    )
+
+
+@pytest.mark.parametrize(
+    ("timeout", "words"),
+    [
+        (0, "timeout 0 for template 'db' must be a positive number of seconds"),
+        (-1.5, "timeout -1.5 for template 'db' must be a positive number of seconds"),
+        (True, "timeout True for template 'db' must be a positive number of seconds"),
+        ("5", "timeout '5' for template 'db' must be a positive number of seconds"),
+        (float("nan"), "timeout nan for template 'db' must be a positive number of seconds"),
+        (1e10, "timeout 10000000000.0 for template 'db' is too large; the most is 1e+08 s"),
+        (float("inf"), "timeout inf for template 'db' is too large; the most is 1e+08 s"),
+    ],
+)
+def test_a_timeout_in_the_call_that_is_not_a_usable_number_is_refused(timeout, words):
+    with pytest.raises(PrewarmUsageError) as info:
+        make(Builder(), timeout=timeout)
+
+    assert str(info.value).startswith(words)
+
+
+def test_a_timeout_in_the_call_and_the_default_say_where_they_came_from():
+    given = make(Builder(), timeout=5)
+    default = make(Builder())
+
+    assert (given.timeout, given.timeout_source) == (5.0, "timeout= in the call")
+    assert (default.timeout, default.timeout_source) == (1800.0, "the default")
+    assert "The timeout is 5 s (from timeout= in the call)" in given.timeout_hint
+
+
+def test_a_builder_that_is_not_callable_is_refused_naming_it():
+    with pytest.raises(PrewarmUsageError) as info:
+        make("nope")
+
+    assert str(info.value) == "build for template 'db' is not callable: 'nope'"
+
+
+def test_a_registered_builder_brings_its_key_unless_the_call_names_one():
+    registry = Registry()
+    build = Builder()
+    registry.add("db", build, key={"schema": 1})
+
+    assert make(registry=registry).key == {"schema": 1}
+    assert make(registry=registry, key="mine").key == "mine"
+    assert make(registry=registry).build is build
+
+
+# -- the lock dir and the published template --------------------------------------------------
+
+
+def test_a_template_published_in_another_boot_is_rebuilt(tmp_path):
+    build = Builder(result="v")
+    store(tmp_path).get(request(build))
+    meta = tmp_path / "templates" / tid() / "meta.json"
+    doc = json.loads(meta.read_text())
+    doc["boot_id"] = "an-earlier-boot"  # its data may be torn: nothing was fsynced
+    meta.write_text(json.dumps(doc))
+
+    again = store(tmp_path, run_id="run-2").get(request(build))
+
+    assert len(build.calls) == 2
+    assert again.origin == "built"
+    assert json.loads(meta.read_text())["boot_id"] != "an-earlier-boot"
+
+
+def test_a_lock_dir_removed_under_a_run_is_a_lock_error_in_words(tmp_path):
+    one = store(tmp_path / "lock-dir")
+    shutil.rmtree(tmp_path / "lock-dir")
+    build = Builder()
+
+    with pytest.raises(PrewarmLockError) as info:
+        one.get(request(build))
+
+    assert str(info.value).startswith(
+        f"template 'db': the lock dir {tmp_path / 'lock-dir'} failed: No such file or directory"
+    )
+    assert "Check that it exists and is writable, or use another --prewarm-lock-dir" in str(
+        info.value
+    )
+    assert build.calls == []
+
+
+def test_forgetting_a_run_removes_its_failure_records_only(tmp_path):
+    failing = Builder(error=RuntimeError("boom"))
+    for name in ("a", "b"):
+        with pytest.raises(PrewarmBuildError):
+            store(tmp_path).get(request(failing, name=name))
+    with pytest.raises(PrewarmBuildError):
+        store(tmp_path, run_id="other-run").get(request(failing, name="c"))
+    planted = tmp_path / "failures" / tid("d") / "run-1.json"
+    planted.mkdir(parents=True)  # not a record: it cannot be unlinked, and is left alone
+
+    store(tmp_path).forget_run()
+
+    failures = tmp_path / "failures"
+    remaining = sorted(p.relative_to(failures) for p in failures.rglob("*.json"))
+    assert remaining == [Path(tid("c"), "other-run.json"), Path(tid("d"), "run-1.json")]
+
+
+def test_a_thread_waiting_for_another_thread_of_its_process_times_out_naming_it(tmp_path):
+    started, release = threading.Event(), threading.Event()
+
+    def slow(path):
+        started.set()
+        assert release.wait(60), "the test never released the builder"
+        return "slow"
+
+    one = store(tmp_path)
+    builder = threading.Thread(target=one.get, args=(request(slow),))
+    builder.start()
+    try:
+        assert started.wait(30)
+        with pytest.raises(PrewarmTimeout) as info:
+            one.get(request(Builder(), timeout=0.2))
+    finally:
+        release.set()
+        builder.join(30)
+
+    assert f"another thread of this process (gw0, pid {os.getpid()}) is building it" in str(
+        info.value
+    )
+    assert info.value.waited == 0.2
+    assert one.get(request(slow)).value == "slow"
+
+
+def test_a_template_that_cannot_be_published_on_a_full_disk_fails_once_for_the_run(small_tmpfs):
+    # The builder itself succeeds, leaving the disk full; meta.json, which holds the value
+    # (10 kB, more than the page the discarded build log frees), then cannot be written.
+    def fill_then_succeed(path):
+        fill_up(path)
+        return ["x" * 100] * 100
+
+    with pytest.raises(PrewarmBuildError) as info:
+        store(small_tmpfs / "locks").get(request(fill_then_succeed))
+    again = Builder()
+    with pytest.raises(PrewarmBuildError) as second:
+        store(small_tmpfs / "locks", worker="gw1").get(request(again))
+
+    assert "No space left on device" in info.value.exc_message
+    assert f"the filesystem holding the lock dir {small_tmpfs / 'locks'} is full" in (
+        info.value.exc_message
+    )
+    assert again.calls == []  # the failure is recorded: the rest of the run fails fast
+    assert str(second.value).splitlines()[0] == str(info.value).splitlines()[0]
+    assert not (small_tmpfs / "locks" / "templates" / tid()).exists()
+
+
+def test_a_value_refused_after_the_build_printed_keeps_a_log_without_a_traceback(tmp_path):
+    def chatty(path):
+        print("building the schema")
+        return {1, 2}
+
+    with pytest.raises(PrewarmBuildError) as info:
+        store(tmp_path).get(request(chatty))
+
+    log = Path(info.value.log_path).read_text()
+    assert "building the schema" in log
+    assert "returned set {1, 2}, which is not JSON-serialisable" in log
+    assert "Traceback" not in log
+    assert info.value.traceback_text == ""
