@@ -56,7 +56,8 @@ class Meta:
     def to_json(self) -> str:
         return json.dumps(
             {
-                "format": META_FORMAT,
+                # A build of "" is the format-1 layout (data beside meta.json): say so.
+                "format": META_FORMAT if self.build else 1,
                 "name": self.name,
                 "key": self.key,
                 "value": self.value,

@@ -985,15 +985,23 @@ class _ProcessState:
     """What a builder may change in its own process that other processes never see."""
 
     def __init__(self) -> None:
+        # Only a build in the main thread is judged: while a background (eager) build
+        # runs, the main thread runs tests, which may change all of these themselves.
+        self.judged = threading.current_thread() is threading.main_thread()
         self.environ = dict(os.environ)
         self.cwd = _cwd()
         self.sys_path = list(sys.path)
 
     def warn_if_changed(self, template: str) -> None:
+        if not self.judged:
+            return
         changed = []
         now = dict(os.environ)
         keys = self.environ.keys() | now.keys()
-        names = sorted(k for k in keys if self.environ.get(k) != now.get(k))
+        # PYTEST_CURRENT_TEST and the like are pytest's own, set per test phase.
+        names = sorted(
+            k for k in keys if self.environ.get(k) != now.get(k) and not k.startswith("PYTEST_")
+        )
         if names:
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
             shown = ", ".join(names[:3]) + more

@@ -39,6 +39,10 @@ META = {
     "build_seconds": 1,
     "published_at": 1700000000.5,
     "holder": [1234, 1700000000.0],
+    "build": "1234-0badc0de",
+    "digest": "sha256:00",
+    "data_path": "/locks/templates/db/1234-0badc0de/data",
+    "requires": None,
 }
 
 
@@ -64,7 +68,13 @@ def test_meta_reads_back_what_it_wrote(tmp_path):
 @pytest.mark.parametrize(
     "changes",
     [
-        {"format": 2},
+        {"format": 3},
+        {"format": 1},  # format 1 has no build name
+        {"build": ""},
+        {"build": "../elsewhere"},
+        {"digest": 5},
+        {"requires": {"base": 1}},
+        {"requires": ["base"]},
         {"name": 3},
         {"run_id": None},
         {"boot_id": 7},
