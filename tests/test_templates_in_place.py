@@ -410,3 +410,37 @@ def test_a_meta_json_naming_a_build_outside_its_shape_is_not_used(tmp_path, plan
     assert again.path.is_relative_to(first.path.parent.parent)
     assert (victim / "data" / "precious.txt").read_text() == "mine"
     assert json.loads(meta.read_text())["build"] == again.path.parent.name
+
+
+def test_a_builder_that_moves_its_process_elsewhere_is_warned_too(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+
+    def build(path: Path) -> None:
+        os.chdir(path)
+        __import__("sys").path.insert(0, str(path))
+
+    with pytest.warns(PrewarmWarning, match=r"working directory and sys\.path"):
+        store(tmp_path / "locks").get(request(build))
+
+
+def test_bad_configure_and_a_single_layer_name_in_a_request(tmp_path):
+    registry = Registry()
+    base = Builder("base")
+    registry.add("base", base)
+
+    def make(**kw):
+        return make_request(
+            "app", Builder(), None, None, registry=registry, default_timeout=5,
+            default_source="t", **kw,
+        )  # fmt: skip
+
+    with pytest.raises(PrewarmUsageError, match="configure= for template 'app' is not callable"):
+        make(configure="setup_env")
+    with pytest.raises(PrewarmUsageError, match="configure= for template 'x' is not callable"):
+        registry.add("x", Builder(), configure=42)
+    with pytest.raises(PrewarmUsageError, match="give the names of registered templates"):
+        registry.add("y", Builder(), requires=(Builder(),))
+    single = make(requires="base")  # one name, not a sequence of its letters
+    template = store(tmp_path).get(single)
+    assert json.loads(template.value["on"]) == {"base": str(base.calls[0])}
