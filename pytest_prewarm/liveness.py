@@ -96,7 +96,7 @@ def pid_namespace() -> int | None:
     0 where the platform has no pid namespaces (one pid space per host).
     """
     if not LINUX:
-        return 0
+        return 0  # pragma: no cover - macOS and Windows only
     if not _proc_is_ours():
         return None
     try:
@@ -167,7 +167,7 @@ def own_identity() -> tuple[int, int | None, float | None]:
     """
     pid = os.getpid()
     if not LINUX:
-        return pid, None, _own_create_time(pid)
+        return pid, None, _own_create_time(pid)  # pragma: no cover - macOS and Windows only
     if not _proc_is_ours():
         return pid, None, None
     return pid, (start_ticks(pid) if _by_ticks() else None), _own_create_time(pid)

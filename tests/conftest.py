@@ -291,6 +291,7 @@ def let_other_users_save_coverage() -> None:
         return
     data_dir = Path(current.get_data().data_filename()).parent
     with contextlib.suppress(OSError):
+        data_dir.mkdir(parents=True, exist_ok=True)  # made on demand: maybe not yet
         data_dir.chmod(0o1777)
 
 

@@ -242,3 +242,33 @@ def test_relative_lock_dir_in_the_ini_file_resolves_against_rootdir(suite, monke
     where = Path((sub / "where.txt").read_text())
     assert where.is_relative_to(suite.path / "relative" / "locks" / "templates")
     assert not (sub / "relative").exists()
+
+
+# -- the report ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "2.5"])
+def test_a_report_size_that_is_not_a_whole_number_is_a_usage_error(pytester, value):
+    with pytest.raises(pytest.UsageError) as info:
+        Settings.from_config(pytester.parseconfig(f"--prewarm-report={value}"))
+
+    assert str(info.value) == (
+        f"prewarm: {value!r} from --prewarm-report is not valid; it must be a whole number "
+        ">= 0, for example --prewarm-report=10"
+    )
+
+
+def test_a_report_size_of_zero_is_kept(pytester):
+    assert Settings.from_config(pytester.parseconfig("--prewarm-report=0")).report_top == 0
+
+
+def test_a_json_report_path_that_is_a_directory_is_a_usage_error(pytester):
+    (pytester.path / "reports").mkdir()
+
+    with pytest.raises(pytest.UsageError) as info:
+        Settings.from_config(pytester.parseconfig("--prewarm-json=reports"))
+
+    assert str(info.value) == (
+        f"prewarm: report file {str(pytester.path / 'reports')!r} from --prewarm-json is a "
+        "directory; give a file name such as prewarm-report.json"
+    )

@@ -23,6 +23,9 @@ import pytest
 from _workers import Arena, overlaps, proc_state, read_log, wait_until
 
 from pytest_prewarm.config import MIN_HEARTBEATS, heartbeat_for
+from pytest_prewarm.exceptions import PrewarmLockError
+from pytest_prewarm.lease import LeaseLock
+from pytest_prewarm.liveness import Liveness, Verdict, own_record
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="liveness proofs come from Linux /proc"
@@ -415,3 +418,67 @@ def test_four_processes_reclaiming_one_dead_lease_at_once_end_with_one_builder(a
     if 2 in kept:
         claim_2 = json.loads((arena.lease_dir() / "claim.2").read_text())
         assert claim_2["worker"] == builder
+
+
+# -- one lease driven in this process ---------------------------------------------------------
+
+
+def in_process_lease(tmp_path: Path, heartbeat: float = 10.0) -> LeaseLock:
+    return LeaseLock(tmp_path / "db.lease", "db", stale_after=60.0, heartbeat=heartbeat)
+
+
+def test_generations_older_than_the_one_before_ours_are_removed_as_we_take_the_lease(tmp_path):
+    lease = in_process_lease(tmp_path)
+    for _ in range(4):
+        assert lease.try_acquire(own_record("gw0", "run")) is not None
+        lease.release()
+
+    assert sorted(os.listdir(tmp_path / "db.lease")) == [
+        "claim.3",
+        "claim.3.released",
+        "claim.4",
+        "claim.4.released",
+    ]
+
+
+def test_a_lease_never_taken_is_not_held(tmp_path):
+    lease = in_process_lease(tmp_path)
+
+    assert lease.lost() == "not held"
+    with pytest.raises(PrewarmLockError, match=r"lost the lease while building \(not held\)"):
+        lease.confirm_held("discarded")
+
+
+def test_a_claim_that_disappears_under_its_holder_is_a_lost_lease(tmp_path):
+    lease = in_process_lease(tmp_path, heartbeat=0.01)
+    assert lease.try_acquire(own_record("gw0", "run")) is not None
+    try:
+        claim = tmp_path / "db.lease" / "claim.1"
+        claim.unlink()  # a careless cleanup of the lock dir while the build runs
+
+        wait_until(lease.lost, 30.0, "the heartbeat to notice")
+
+        assert lease.lost() == f"our claim {claim} disappeared"
+    finally:
+        lease.release()
+
+
+@pytest.mark.parametrize("planted", ["fifo", "torn record"])
+def test_a_top_claim_that_is_no_record_names_what_is_there(tmp_path, planted):
+    lease_dir = tmp_path / "db.lease"
+    lease_dir.mkdir(mode=0o700)
+    claim = lease_dir / "claim.1"
+    if planted == "fifo":
+        os.mkfifo(claim)
+    else:
+        claim.write_text('{"pid": 4')
+
+    holder = in_process_lease(tmp_path).holder()
+
+    assert holder.record is None
+    expected = (
+        f"the owner record {claim} is a FIFO, not a record"
+        if planted == "fifo"
+        else "no readable owner record (torn, oversized or not one of ours)"
+    )
+    assert holder.verdict == Verdict(Liveness.UNKNOWN, expected)

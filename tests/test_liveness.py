@@ -28,7 +28,7 @@ from conftest import let_other_users_save_coverage, linux_proc_only
 
 from pytest_prewarm import liveness
 from pytest_prewarm.liveness import HostIdentity, Liveness, Verdict
-from pytest_prewarm.owner import OwnerRecord, read_record
+from pytest_prewarm.owner import MAX_PID, OwnerRecord, read_record
 
 PY = sys.executable
 SLEEP = shutil.which("sleep") or "/bin/sleep"
@@ -831,3 +831,54 @@ def test_dead_holder_is_not_alive_under_the_parents_proc(procs: Procs) -> None:
     assert out["holder_pid"] == bystander.pid, out
     assert out["exit_check"] == "ESRCH", out  # the holder is gone in its namespace
     assert out["after_exit"]["state"] != "alive", out
+
+
+# --------------------------------------------------------------------------------------------
+# No /proc at all (a container that mounts none): nothing can be proven, and nothing fails.
+
+NO_PROC_SCRIPT = r"""
+import dataclasses, json, os, subprocess, sys
+from pathlib import Path
+import psutil
+from pytest_prewarm import liveness
+from pytest_prewarm.lockdir import choose_lock_mode, filesystem_type
+
+record = liveness.own_record("gw0", "run")  # while /proc is still there: a complete record
+liveness.prepare_classify()
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "no-proc", "/proc"], check=True)
+print(json.dumps({
+    "proc_self": os.path.lexists("/proc/self"),
+    "own_identity": liveness.own_identity(),
+    "here": dataclasses.asdict(liveness.local_host()),
+    "verdict": str(liveness.classify(record)),
+    "fstype": filesystem_type(Path(sys.argv[1])),
+    "mode": choose_lock_mode(Path(sys.argv[1]), "auto"),
+}))
+"""
+
+
+@linux_proc_only("what the Linux path does without /proc")
+def test_without_proc_nothing_is_proven_and_a_lock_dir_still_works(
+    procs: Procs, tmp_path: Path
+) -> None:
+    require_root()
+    require_unshare("--mount")
+    assert UNSHARE is not None
+
+    out = procs.run_json([UNSHARE, "--mount", PY, "-c", NO_PROC_SCRIPT, str(tmp_path)])
+
+    assert out["proc_self"] is False
+    _, ticks, created = out["own_identity"]
+    assert (ticks, created) == (None, None)  # no start token: its own record proves nothing
+    assert out["here"]["boot_id"] is None  # neither /proc's boot id nor psutil's boot time
+    assert out["here"]["pid_ns"] is None
+    assert out["verdict"] == "unknown, boot id unrecorded"
+    assert out["fstype"] is None
+    assert out["mode"] == ["flock", "auto: local filesystem supports flock"]
+
+
+@pytest.mark.parametrize("pid", [0, -1, MAX_PID + 1])
+def test_a_pid_out_of_the_kernels_range_is_unknown(pid: int) -> None:
+    record = dataclasses.replace(own_record(), pid=pid)
+
+    assert liveness.classify(record) == Verdict(UNKNOWN, f"pid {pid} is out of range")

@@ -74,6 +74,15 @@ def test_forced_means_no_fcntl_for_the_lock_code(forced: None) -> None:
     assert portable.fcntl_module() is None
 
 
+def test_without_an_importable_fcntl_the_lock_code_has_none(
+    unforced: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # as on Windows: import fcntl fails
+
+    assert not portable.forced()
+    assert portable.fcntl_module() is None
+
+
 def test_a_forced_waiter_polls_and_parks_no_watch_thread(
     forced: None, held: tuple[flock.FlockLock, flock.FlockLock]
 ) -> None:

@@ -464,3 +464,9 @@ def test_a_value_refused_after_the_build_printed_keeps_a_log_without_a_traceback
     assert "returned set {1, 2}, which is not JSON-serialisable" in log
     assert "Traceback" not in log
     assert info.value.traceback_text == ""
+
+
+def test_a_store_refuses_a_lock_mode_that_has_no_implementation(tmp_path):
+    # "auto" is resolved to flock or lease before any store exists (lockdir.choose_lock_mode).
+    with pytest.raises(ValueError, match=r"no lock implementation for mode <LockMode\.AUTO"):
+        store(tmp_path, lock_mode="auto")
