@@ -67,7 +67,8 @@ class EagerBuilds:
                     self._say("gave up waiting for", f"{timeout:g} s, the timeout, passed")
                     return
                 self.thread.join(min(0.2, timeout - (now - start)))
-                if clock.monotonic() >= next_notice:
+                # The build may have ended during the join: then there is nothing to say.
+                if self.thread.is_alive() and clock.monotonic() >= next_notice:
                     next_notice += NOTICE_EVERY
                     waited = clock.monotonic() - start
                     self._say(

@@ -162,6 +162,8 @@ def test_a_long_wait_says_what_it_waits_for_until_the_build_ends(
 
     assert not walk.thread.is_alive()
     assert len(notices) == 2
+    # Nothing is said once the build has ended (it once named the build "None").
+    assert all("None" not in line for line in terminal.lines())
     for line in notices:
         assert line.startswith("[prewarm] gw0 is waiting for its eager build of 'db' (")
         assert line.endswith(" s of at most 60 s; Ctrl-C abandons it)")
