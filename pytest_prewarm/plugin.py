@@ -8,6 +8,7 @@ The work happens in the core: request.py (one template request, start to end), e
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -25,12 +26,21 @@ from .exceptions import LockDirError, PrewarmUsageError
 from .kinds import LockMode
 from .locking import Holder
 from .registry import REGISTRY
-from .request import Builder, Request, Template, TemplateFactory, TemplateStore, make_request
+from .request import (
+    Builder,
+    Request,
+    Teardown,
+    Template,
+    TemplateFactory,
+    TemplateStore,
+    make_request,
+)
 
 WORKERINPUT_LOCK_DIR = "prewarm_lock_dir"
 WORKERINPUT_RUN_ID = "prewarm_run_id"
 WORKERINPUT_LOCK_MODE = "prewarm_lock_mode"
 WORKEROUTPUT_EVENTS = "prewarm_events"
+WORKERINPUT_CONTROLLER_PID = "prewarm_controller_pid"
 
 
 @dataclass
@@ -46,6 +56,7 @@ class State:
     lock_mode: LockMode
     lock_mode_why: str
     eager_builds: eager.EagerBuilds | None = None
+    teardowns: list[Any] | None = None  # teardown.Result of each teardown this run ran
 
     @property
     def lock_dir(self) -> Path:
@@ -57,6 +68,7 @@ class State:
         build: Builder | None = None,
         key: Any = None,
         timeout: float | None = None,
+        teardown: Teardown | None = None,
     ) -> Request:
         return make_request(
             name,
@@ -66,6 +78,7 @@ class State:
             registry=REGISTRY,
             default_timeout=self.settings.timeout.value,
             default_source=self.settings.timeout.source,
+            teardown=teardown,
         )
 
 
@@ -130,6 +143,9 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     except LockDirError as exc:  # a subdirectory that is a symlink, another user's...
         raise pytest.UsageError(f"prewarm: {exc}") from exc
+    if _is_worker(config):
+        store.controller_pid = int(workerinput.get(WORKERINPUT_CONTROLLER_PID) or os.getppid())
+    store.teardown_timeout = settings.teardown_timeout.value
     log = EventLog(store.layout, run_id, worker)
     store.on_event = log.record
     store.on_notice = _notice_writer(worker)
@@ -194,6 +210,31 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         ]
 
 
+@pytest.hookimpl(wrapper=True, trylast=True, specname="pytest_sessionfinish")
+def pytest_sessionfinish_teardowns(session: pytest.Session) -> Any:
+    # Innermost wrapper: its second half runs after every plain sessionfinish hook, so
+    # after xdist's, which brings the workers down; and before the terminal summary,
+    # which an outer wrapper (the terminal reporter's) writes after it.
+    result = yield
+    state = session.config.stash.get(STATE_KEY, None)
+    if state is None or _is_worker(session.config):
+        return result
+    from . import teardown  # lazily: a run that built no service finds nothing to do
+
+    state.teardowns = teardown.finish(
+        state.store.layout,
+        state.run_id,
+        runner=state.store.controller_record(),
+        timeout=state.settings.teardown_timeout.value,
+    )
+    if any(r.outcome != teardown.OK for r in state.teardowns) and session.exitstatus in (
+        pytest.ExitCode.OK,
+        pytest.ExitCode.NO_TESTS_COLLECTED,
+    ):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED  # as a failing fixture teardown
+    return result
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     config = terminalreporter.config
     state = config.stash.get(STATE_KEY, None)
@@ -202,13 +243,18 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     events = state.log.merged()
     if state.settings.json_path is not None:
         data = report.to_json(
-            events, state.settings.as_dict(lock_dir=state.lock_dir, lock_mode=state.lock_mode)
+            events,
+            state.settings.as_dict(lock_dir=state.lock_dir, lock_mode=state.lock_mode),
+            teardowns=[r.to_dict() for r in state.teardowns or ()],
         )
         path: Path = state.settings.json_path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     lines = report.format_summary(
-        events, top=state.settings.report_top, verbosity=config.get_verbosity()
+        events,
+        top=state.settings.report_top,
+        verbosity=config.get_verbosity(),
+        teardowns=[r.to_dict() for r in state.teardowns or ()],
     )
     if not lines:
         return
@@ -243,6 +289,7 @@ class XdistHooks:
         node.workerinput[WORKERINPUT_LOCK_DIR] = str(state.lock_dir)
         node.workerinput[WORKERINPUT_RUN_ID] = state.run_id
         node.workerinput[WORKERINPUT_LOCK_MODE] = str(state.lock_mode)
+        node.workerinput[WORKERINPUT_CONTROLLER_PID] = os.getpid()
 
     def pytest_testnodedown(self, node: Any, error: object) -> None:
         state = self.config.stash[STATE_KEY]
@@ -262,6 +309,8 @@ def prewarmed_template(request: pytest.FixtureRequest) -> TemplateFactory:
     ``.value``). The first process to take the template's lock calls ``build(path)`` on an
     empty directory; every other process waits, then gets the same published directory.
     Without ``build``, the builder registered with ``@pytest_prewarm.template(name)`` is used.
+    ``teardown(path, value)``, a module-level function, stops what the build started,
+    exactly once after the last test of the run that could use it (docs/usage.md).
     Annotate it as :class:`pytest_prewarm.TemplateFactory`.
     """
     state = request.config.stash[STATE_KEY]
@@ -272,9 +321,10 @@ def prewarmed_template(request: pytest.FixtureRequest) -> TemplateFactory:
         *,
         key: Any = None,
         timeout: float | None = None,
+        teardown: Teardown | None = None,
     ) -> Template:
         __tracebackhide__ = True  # users need the builder's frames, not ours
-        return state.store.get(state.request_for(name, build, key, timeout))
+        return state.store.get(state.request_for(name, build, key, timeout, teardown))
 
     return get
 

@@ -12,6 +12,7 @@ from .exceptions import PrewarmUsageError
 from .names import check_name
 
 Builder = Callable[[Path], Any]
+Teardown = Callable[[Path, Any], object]
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class Registered:
     build: Builder
     key: Any
     where: str  # "conftest.py:12 (build_db)", for error messages
+    teardown: Teardown | None = None
 
 
 def _where(func: Callable[..., Any]) -> str:
@@ -51,11 +53,13 @@ class Registry:
     def __init__(self) -> None:
         self._builders: dict[str, Registered] = {}
 
-    def add(self, name: str, build: Builder, key: Any = None) -> Registered:
+    def add(
+        self, name: str, build: Builder, key: Any = None, teardown: Teardown | None = None
+    ) -> Registered:
         check_name(name)
         if not callable(build):
             raise PrewarmUsageError(f"builder for template {name!r} is not callable: {build!r}")
-        entry = Registered(name, build, key, _where(build))
+        entry = Registered(name, build, key, _where(build), teardown)
         existing = self._builders.get(name)
         if existing is not None and not _same_function(existing.build, build):
             raise PrewarmUsageError(
@@ -82,13 +86,19 @@ class Registry:
 REGISTRY = Registry()
 
 
-def template(name: str, *, key: Any = None) -> Callable[[Builder], Builder]:
+def template(
+    name: str, *, key: Any = None, teardown: Teardown | None = None
+) -> Callable[[Builder], Builder]:
     """Register the decorated function as the builder of template ``name``.
 
     The function receives an empty directory (a :class:`pathlib.Path`) to fill, and may
     return a JSON-serialisable value that every user of the template receives as
     ``Template.value``. ``key`` versions the template: a published template is reused
     by later runs (with an explicit lock dir) only while its key is equal.
+
+    ``teardown(path, value)``, a function defined at module level, is called exactly once
+    per built template after the last test of the run (of every run sharing it) that
+    could use it, even when the run is killed; see docs/usage.md, "Services".
 
     Example, in a ``conftest.py``::
 
@@ -98,8 +108,13 @@ def template(name: str, *, key: Any = None) -> Callable[[Builder], Builder]:
     """
     check_name(name)
 
+    if teardown is not None:
+        from .teardown import reference  # lazily, as in request.make_request
+
+        reference(teardown, name)
+
     def decorate(build: Builder) -> Builder:
-        REGISTRY.add(name, build, key)
+        REGISTRY.add(name, build, key, teardown)
         return build
 
     return decorate

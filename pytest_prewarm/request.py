@@ -47,12 +47,14 @@ from .liveness import Identity, Liveness, boot_id
 from .locking import Acquired, Holder, Lock
 from .locks import lock_factory
 from .names import canonical_key, check_name
+from .owner import OwnerRecord
 from .records import Meta, failure_to_json, hold_id, read_failure
 from .registry import Registry
 from .trust import check_dir, is_mine, kind_of, make_dir, remove_tree
 from .values import json_round_trip, type_name
 
 Builder = Callable[[Path], Any]
+Teardown = Callable[[Path, Any], object]  # teardown(path, value), see teardown.py
 
 
 class Template(os.PathLike[str]):
@@ -99,6 +101,7 @@ class TemplateFactory(Protocol):
         *,
         key: Any = None,
         timeout: float | None = None,
+        teardown: Teardown | None = None,
     ) -> Template: ...
 
 
@@ -109,6 +112,7 @@ class Request:
     key: Any
     timeout: float
     timeout_source: str = "default"
+    teardown: Teardown | None = None
 
     @property
     def timeout_hint(self) -> str:
@@ -137,10 +141,11 @@ def make_request(
     registry: Registry,
     default_timeout: float,
     default_source: str,
+    teardown: Teardown | None = None,
 ) -> Request:
     """The request for a call ``prewarmed_template(name, build, key=..., timeout=...)``.
 
-    Without ``build``, the builder (and key) registered under ``name`` is used.
+    Without ``build``, the builder (and key, and teardown) registered under ``name`` is used.
     """
     registered = registry.get(name) if isinstance(name, str) else None
     if build is None:
@@ -153,11 +158,18 @@ def make_request(
         build = registered.build
         if key is None:
             key = registered.key
+        if teardown is None:
+            teardown = registered.teardown
     if not callable(build):
         raise PrewarmUsageError(f"build for template {name!r} is not callable: {build!r}")
+    if teardown is not None:
+        from .teardown import reference  # only templates with a teardown load it
+
+        reference(teardown, str(name))  # a lambda fails here, not at the run's end
     if timeout is None:
-        return Request(name, build, key, default_timeout, default_source)
-    return Request(name, build, key, check_timeout(timeout, name=str(name)), "timeout= in the call")
+        return Request(name, build, key, default_timeout, default_source, teardown)
+    seconds = check_timeout(timeout, name=str(name))
+    return Request(name, build, key, seconds, "timeout= in the call", teardown)
 
 
 Notice = Callable[[str, float, Holder], None]
@@ -198,6 +210,11 @@ class TemplateStore:
         self._guards: dict[str, threading.Lock] = {}
         self._guards_lock = threading.Lock()
         self._guard_owners: dict[str, int] = {}  # tid -> thread ident holding its guard
+        # Templates with a teardown (teardown.py): the run's controller, whose end is the
+        # run's end, and how long a teardown may take. A worker is told the pid.
+        self.controller_pid = os.getpid()
+        self.teardown_timeout = 60.0
+        self._controller: OwnerRecord | None = None
         self.layout.ensure()
         # Background deletions die with their process; finish any that were cut short.
         for leftover in self.layout.trash.iterdir():
@@ -216,6 +233,41 @@ class TemplateStore:
                 path.unlink()
             except OSError:
                 continue
+
+    def note_teardown(self, request: Request, tid: str, path: Path, value: Any) -> None:
+        """Record a build of a template with a teardown, and make sure the run's watcher runs."""
+        from . import reaper, teardown  # lazily: a run without services never loads them
+
+        assert request.teardown is not None
+        controller = self.controller_record()
+        # The watcher first: killed after it, the record is found; killed before, no record.
+        reaper.ensure_running(self.layout, self.run_id, controller, self.teardown_timeout)
+        teardown.record_built(
+            self.layout,
+            template=request.name,
+            tid=tid,
+            run_id=self.run_id,
+            worker=self.worker,
+            path=path,
+            value=value,
+            ref=teardown.reference(request.teardown, request.name),
+            controller=controller,
+        )
+
+    def join_teardown(self, tid: str) -> None:
+        """This run uses a template with a teardown that another run built: join its users."""
+        from . import reaper, teardown
+
+        controller = self.controller_record()
+        if teardown.join(self.layout, tid, self.run_id, controller):
+            reaper.ensure_running(self.layout, self.run_id, controller, self.teardown_timeout)
+
+    def controller_record(self) -> OwnerRecord:
+        if self._controller is None:
+            from .liveness import own_record
+
+            self._controller = own_record("controller", self.run_id, self.controller_pid)
+        return self._controller
 
     def get(self, request: Request) -> Template:
         """The template, built here or by another process; waits up to the timeout."""
@@ -343,6 +395,8 @@ class _Fetch:
             if done.run_id != self.store.run_id:
                 built_by = f"{built_by} of run {done.run_id[:8]}"
             self._event(Outcome(origin), waited, built_by=built_by)
+            if self.request.teardown is not None and done.run_id != self.store.run_id:
+                self.store.join_teardown(self.tid)
             return self._template(done, origin)
         assert acquired is not None
         try:
@@ -487,6 +541,9 @@ class _Fetch:
             published_at=clock.wall(),
             holder=hold_id(self.lock.held_by()),
         )
+        if self.request.teardown is not None:
+            # Before publishing: a service that runs is torn down even if publishing fails.
+            self.store.note_teardown(self.request, self.tid, self.layout.data_dir(self.tid), value)
         try:
             self._publish(attempt, meta)
         except OSError as exc:

@@ -1,0 +1,410 @@
+"""Teardowns of built templates: the record a build leaves, the runs using it, one teardown.
+
+A template built with ``teardown=`` (a running service, usually) leaves an instance record
+in ``services/<id>/``: where the template is, its value, and how to find the teardown by
+name (module, qualified name, source file, the builder's ``sys.path``). Nothing of the
+builder's process is needed afterwards: whoever ends the run (the controller at its end,
+or the reaper once the run was killed) reads the record, imports the function and calls
+``teardown(path, value)``.
+
+Each run that uses an instance is a user of it (``<inst>.users/<run>.json``, the owner
+record of the run's controller). A run that ends leaves; the last live user tears the
+instance down. Exactly once: the one who creates ``<inst>.claim`` (O_EXCL) runs the
+teardown, and the record goes when it returns. A claim whose claimer is dead was cut
+short and is taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import shutil
+import sys
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from . import clock
+from .exceptions import PrewarmUsageError
+from .failure import MAX_MESSAGE, builder_traceback, clip, safe_str
+from .files import O_CLOEXEC, O_NOFOLLOW, read_json_object, write_atomic
+from .layout import Layout
+from .liveness import Liveness, classify
+from .names import file_stem
+from .owner import OwnerRecord, read_record
+from .records import Meta
+from .trust import make_dir, remove_tree
+
+RECORD_FORMAT = 1
+
+
+Teardown = Callable[[Path, Any], object]
+
+OK, FAILED, TIMEOUT = "ok", "failed", "timeout"
+
+
+class TeardownError(Exception):
+    """A teardown could not be found again by its recorded name."""
+
+
+@dataclass(frozen=True)
+class TeardownRef:
+    """How another process finds a teardown function: by module and qualified name."""
+
+    module: str
+    qualname: str
+    file: str | None
+
+    def describe(self) -> str:
+        return f"{self.module}.{self.qualname}"
+
+
+FIX = (
+    "define it with def at module level (in a conftest.py or a module of yours), for example "
+    "def stop_db(path, value): ...; it may run in another process after the run ends"
+)
+
+
+def _lookup(module: ModuleType | None, qualname: str) -> object:
+    found: object = module
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found
+
+
+def reference(func: object, template: str) -> TeardownRef:
+    """The name by which ``func`` is found again; a clear error if it cannot be."""
+    if not callable(func):
+        raise PrewarmUsageError(f"teardown for template {template!r} is not callable: {func!r}")
+    module = getattr(func, "__module__", None)
+    qualname = getattr(func, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        raise PrewarmUsageError(
+            f"teardown {func!r} for template {template!r} has no module and name; {FIX}"
+        )
+    if "<lambda>" in qualname or "<locals>" in qualname:
+        raise PrewarmUsageError(
+            f"teardown {module}.{qualname} for template {template!r} is a lambda or a "
+            f"function defined inside another one, which no other process can import; {FIX}"
+        )
+    if _lookup(sys.modules.get(module), qualname) is not func:
+        raise PrewarmUsageError(
+            f"teardown {module}.{qualname} for template {template!r} is not what that name "
+            f"refers to (a bound method, a partial or a decorated copy?); {FIX}"
+        )
+    try:
+        file = inspect.getsourcefile(func)
+    except TypeError:
+        file = None
+    return TeardownRef(module, qualname, file)
+
+
+def resolve(ref: TeardownRef, sys_path: list[str]) -> Teardown:
+    """The function ``ref`` names: already imported here, imported by name, or from its file."""
+    module = sys.modules.get(ref.module)
+    if module is None:
+        module = _import(ref, sys_path)
+    found = _lookup(module, ref.qualname)
+    if not callable(found):
+        raise TeardownError(f"{ref.describe()} was not found in module {ref.module}")
+    return found
+
+
+def _import(ref: TeardownRef, sys_path: list[str]) -> ModuleType:
+    # The builder's sys.path (pytest's rootdir and test dirs) goes after ours, so nothing
+    # already importable here is shadowed by it.
+    sys.path.extend(p for p in sys_path if p not in sys.path)
+    try:
+        return importlib.import_module(ref.module)
+    except ImportError as exc:
+        if ref.file is None or not os.path.isfile(ref.file):
+            raise TeardownError(f"cannot import {ref.module} for {ref.describe()}: {exc}") from exc
+    # pytest's importlib import mode gives modules names that no sys.path entry resolves.
+    spec = importlib.util.spec_from_file_location(ref.module, ref.file)
+    if spec is None or spec.loader is None:
+        raise TeardownError(f"cannot load {ref.file} for {ref.describe()}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[ref.module] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[ref.module]
+        raise TeardownError(
+            f"importing {ref.file} for {ref.describe()} failed: {safe_str(exc)}"
+        ) from exc
+    return module
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One build of a template with a teardown: what the teardown needs, and who built it."""
+
+    template: str
+    tid: str
+    instance: str
+    run_id: str
+    built_by: str
+    pid: int
+    path: str
+    value: Any
+    teardown: TeardownRef
+    sys_path: list[str]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": RECORD_FORMAT,
+                "template": self.template,
+                "tid": self.tid,
+                "instance": self.instance,
+                "run_id": self.run_id,
+                "built_by": self.built_by,
+                "pid": self.pid,
+                "path": self.path,
+                "value": self.value,
+                "teardown": {
+                    "module": self.teardown.module,
+                    "qualname": self.teardown.qualname,
+                    "file": self.teardown.file,
+                },
+                "sys_path": self.sys_path,
+            }
+        )
+
+    @classmethod
+    def read(cls, path: Path) -> Instance | None:
+        data = read_json_object(path)
+        if data is None or data.get("format") != RECORD_FORMAT:
+            return None
+        texts = [data.get(f) for f in ("template", "tid", "instance", "run_id", "built_by", "path")]
+        ref, pid, sys_path = data.get("teardown"), data.get("pid"), data.get("sys_path")
+        if not all(isinstance(t, str) for t in texts) or type(pid) is not int:
+            return None
+        if not isinstance(ref, dict) or not isinstance(sys_path, list):
+            return None
+        module, qualname, file = ref.get("module"), ref.get("qualname"), ref.get("file")
+        if not (isinstance(module, str) and isinstance(qualname, str)):
+            return None
+        template, tid, instance, run_id, built_by, where = (str(t) for t in texts)
+        return cls(
+            template=template,
+            tid=tid,
+            instance=instance,
+            run_id=run_id,
+            built_by=built_by,
+            pid=pid,
+            path=where,
+            value=data.get("value"),
+            teardown=TeardownRef(module, qualname, file if isinstance(file, str) else None),
+            sys_path=[p for p in sys_path if isinstance(p, str)],
+        )
+
+
+def record_built(
+    layout: Layout,
+    *,
+    template: str,
+    tid: str,
+    run_id: str,
+    worker: str,
+    path: Path,
+    value: Any,
+    ref: TeardownRef,
+    controller: OwnerRecord,
+) -> Instance:
+    """Record a build whose template has a teardown; its run is the first user."""
+    make_dir(layout.services_root)
+    make_dir(layout.service_dir(tid))
+    instance = Instance(
+        template=template,
+        tid=tid,
+        instance=f"{file_stem(run_id)[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+        run_id=run_id,
+        built_by=worker,
+        pid=os.getpid(),
+        path=str(path),
+        value=value,
+        teardown=ref,
+        sys_path=list(sys.path),
+    )
+    # The user entry first: a record without a user would be torn down by any run's end.
+    _join(layout, instance, controller)
+    write_atomic(layout.service_record(tid, instance.instance), instance.to_json())
+    return instance
+
+
+def join(layout: Layout, tid: str, run_id: str, controller: OwnerRecord) -> int:
+    """Make this run a user of every recorded instance of ``tid`` built by another run."""
+    joined = 0
+    for path in sorted(layout.service_dir(tid).glob("*.json")):
+        instance = Instance.read(path)
+        if instance is not None and instance.run_id != run_id:
+            _join(layout, instance, controller)
+            joined += 1
+    return joined
+
+
+def _join(layout: Layout, instance: Instance, controller: OwnerRecord) -> None:
+    users = layout.service_users(instance.tid, instance.instance)
+    make_dir(users)
+    write_atomic(
+        layout.service_user(instance.tid, instance.instance, controller.run_id),
+        controller.to_json(),
+    )
+
+
+@dataclass(frozen=True)
+class Result:
+    """One teardown's outcome: ``ok``, ``failed`` (it raised) or ``timeout`` (it hung)."""
+
+    template: str
+    outcome: str
+    seconds: float
+    run_by: str
+    built_by: str
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "template": self.template,
+            "outcome": self.outcome,
+            "seconds": self.seconds,
+            "run_by": self.run_by,
+            "built_by": self.built_by,
+            "error": self.error,
+        }
+
+
+def finish(layout: Layout, run_id: str, *, runner: OwnerRecord, timeout: float) -> list[Result]:
+    """The end of run ``run_id``: leave every instance it used, tear down those it was last of.
+
+    Cheap when no service was built: ``services/`` does not exist, and the glob finds nothing.
+    """
+    results = []
+    for path in layout.service_records():
+        instance = Instance.read(path)
+        if instance is None:
+            continue
+        mine = layout.service_user(instance.tid, instance.instance, run_id)
+        used = _unlink(mine)
+        if not used and instance.run_id != run_id:
+            continue  # another run's, which this run never used
+        if _live_users(layout, instance) or not _claim(layout, instance, runner):
+            continue
+        if _live_users(layout, instance):
+            # A run joined between the check and the claim: it is now the last user.
+            _unlink(layout.service_claim(instance.tid, instance.instance))
+            continue
+        results.append(_tear_down(layout, instance, runner.worker, timeout))
+    return results
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _live_users(layout: Layout, instance: Instance) -> list[OwnerRecord]:
+    """Users whose run may still be going: a dead controller's entry is removed."""
+    users = layout.service_users(instance.tid, instance.instance)
+    live = []
+    for path in sorted(users.glob("*.json")):
+        record = read_record(path)
+        if record is None:
+            continue  # torn or foreign: it proves no user
+        if classify(record).state is Liveness.DEAD:
+            _unlink(path)
+        else:
+            live.append(record)
+    return live
+
+
+def _claim(layout: Layout, instance: Instance, runner: OwnerRecord) -> bool:
+    """Whether this process now runs the instance's teardown (and nobody else does)."""
+    path = layout.service_claim(instance.tid, instance.instance)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        except FileExistsError:
+            holder = read_record(path)
+            if holder is not None and classify(holder).state is not Liveness.DEAD:
+                return False
+            # Its claimer died before finishing (or the claim is torn): take it over.
+            _unlink(path)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(runner.to_json())
+        return True
+    return False
+
+
+def _tear_down(layout: Layout, instance: Instance, run_by: str, timeout: float) -> Result:
+    started = clock.monotonic()
+    try:
+        func = resolve(instance.teardown, instance.sys_path)
+    except TeardownError as exc:
+        outcome, error = FAILED, str(exc) or None
+    else:
+        outcome, error = call(func, Path(instance.path), instance.value, timeout)
+    seconds = clock.monotonic() - started
+    # Attempted once, whatever came of it: the record goes, and with it the template,
+    # whose value names a service that is gone (a later run must build it afresh).
+    _unpublish(layout, instance)
+    shutil.rmtree(layout.service_users(instance.tid, instance.instance), ignore_errors=True)
+    _unlink(layout.service_record(instance.tid, instance.instance))
+    _unlink(layout.service_claim(instance.tid, instance.instance))
+    with contextlib.suppress(OSError):
+        os.rmdir(layout.service_dir(instance.tid))
+    return Result(instance.template, outcome, seconds, run_by, instance.built_by, error)
+
+
+def _unpublish(layout: Layout, instance: Instance) -> None:
+    """Move the template this instance published aside, unless a later build replaced it."""
+    meta = Meta.read(layout.meta_file(instance.tid))
+    if meta is None or meta.run_id != instance.run_id or meta.pid != instance.pid:
+        return
+    target = layout.trash_target(instance.tid)
+    try:
+        os.rename(layout.template_dir(instance.tid), target)
+    except OSError:
+        return
+    remove_tree(target)
+
+
+def call(func: Teardown, path: Path, value: Any, timeout: float) -> tuple[str, str | None]:
+    """Call ``func(path, value)`` for at most ``timeout`` s: (outcome, error text or None).
+
+    In a daemon thread: a hung teardown cannot be stopped from Python, only left behind,
+    and it must not keep the process from ending.
+    """
+    box: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            func(path, value)
+        except BaseException as exc:  # reported, never raised here: the run is ending
+            box.append(exc)
+        else:
+            box.append(None)
+
+    thread = threading.Thread(target=target, name="prewarm-teardown", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not box:
+        return TIMEOUT, f"still running after {timeout:g} s (see --prewarm-teardown-timeout)"
+    exc = box[0]
+    if exc is None:
+        return OK, None
+    text = builder_traceback(exc) or f"{type(exc).__name__}: {safe_str(exc)}"
+    return FAILED, clip(text.rstrip("\n"), MAX_MESSAGE)
