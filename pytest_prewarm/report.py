@@ -93,7 +93,8 @@ def teardown_lines(teardowns: Iterable[dict[str, Any]]) -> list[str]:
     for t in teardowns:
         head = f"{t['template']}  teardown by {t['run_by']}"
         if t["outcome"] == "ok":
-            lines.append(f"{head}: done in {_secs(t['seconds'])}")
+            what = "stopped what its unfinished build started" if t.get("unfinished") else "done"
+            lines.append(f"{head}: {what} in {_secs(t['seconds'])}")
             continue
         word = "FAILED" if t["outcome"] == "failed" else "HUNG"
         lines.append(f"{head}: {word} after {_secs(t['seconds'])}")

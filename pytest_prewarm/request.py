@@ -234,25 +234,42 @@ class TemplateStore:
             except OSError:
                 continue
 
-    def note_teardown(self, request: Request, tid: str, path: Path, value: Any) -> None:
-        """Record a build of a template with a teardown, and make sure the run's watcher runs."""
+    def teardown_begin(self, request: Request, tid: str, data: Path) -> Any:
+        """Record a starting build of a template with a teardown; start the run's watcher.
+
+        Returns the ``teardown.Instance``, for ``watch_services`` and ``teardown_built``.
+        """
         from . import reaper, teardown  # lazily: a run without services never loads them
 
         assert request.teardown is not None
         controller = self.controller_record()
         # The watcher first: killed after it, the record is found; killed before, no record.
         reaper.ensure_running(self.layout, self.run_id, controller, self.teardown_timeout)
-        teardown.record_built(
+        return teardown.record_building(
             self.layout,
             template=request.name,
             tid=tid,
             run_id=self.run_id,
             worker=self.worker,
-            path=path,
-            value=value,
+            path=data,
             ref=teardown.reference(request.teardown, request.name),
             controller=controller,
         )
+
+    def watch_services(self, instance: Any) -> contextlib.AbstractContextManager[None]:
+        """While a build runs: each service it starts is added to its instance record."""
+        if instance is None:
+            return contextlib.nullcontext()
+        from . import services, teardown
+
+        return services.reporting_to(
+            lambda value: teardown.add_started(self.layout, instance, value)
+        )
+
+    def teardown_built(self, instance: Any, path: Path, value: Any) -> None:
+        from . import teardown
+
+        teardown.record_built(self.layout, instance, path, value)
 
     def join_teardown(self, tid: str) -> None:
         """This run uses a template with a teardown that another run built: join its users."""
@@ -498,10 +515,15 @@ class _Fetch:
         attempt = self.layout.new_attempt(self.tid)
         data = attempt / DATA_DIR
         data.mkdir(mode=0o700, parents=True)
+        instance = None
+        if self.request.teardown is not None:
+            instance = self.store.teardown_begin(self.request, self.tid, data)
         started = clock.monotonic()
         output = self._capture(data)
         try:
-            with output:  # the build's stdout and stderr, teed to its log (see capture.py)
+            # The build's stdout and stderr, teed to its log (see capture.py); with a
+            # teardown, each service it starts is recorded as it starts.
+            with output, self.store.watch_services(instance):
                 returned = self.request.build(data)
             value = json_round_trip(
                 returned, self.name, (str(data), str(self.layout.data_dir(self.tid)))
@@ -541,9 +563,9 @@ class _Fetch:
             published_at=clock.wall(),
             holder=hold_id(self.lock.held_by()),
         )
-        if self.request.teardown is not None:
+        if instance is not None:
             # Before publishing: a service that runs is torn down even if publishing fails.
-            self.store.note_teardown(self.request, self.tid, self.layout.data_dir(self.tid), value)
+            self.store.teardown_built(instance, self.layout.data_dir(self.tid), value)
         try:
             self._publish(attempt, meta)
         except OSError as exc:

@@ -27,8 +27,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,22 @@ CREATE_TIME_TOLERANCE = 0.005  # as liveness.py: the same process reads the same
 # Popen objects of services this process started; kept so that none is collected (with
 # a ResourceWarning) while its service runs.
 _STARTED: list[subprocess.Popen[bytes]] = []
+
+
+# Who hears of each service started in this thread: a build of a template with a teardown,
+# so that a builder killed before it returned still has its servers stopped (teardown.py).
+_listeners = threading.local()
+
+
+@contextlib.contextmanager
+def reporting_to(listener: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """While the block runs, ``listener(value)`` hears of each service started in this thread."""
+    previous = getattr(_listeners, "current", None)
+    _listeners.current = listener
+    try:
+        yield
+    finally:
+        _listeners.current = previous
 
 
 class ServiceError(PrewarmError):
@@ -110,6 +127,9 @@ def start(
     except psutil.Error:  # it has exited already: the readiness check says so below
         created = 0.0
     value = {"name": name, "pid": proc.pid, "create_time": created, "port": port, "log": str(log)}
+    listener = getattr(_listeners, "current", None)
+    if listener is not None:
+        listener(value)
     pattern = None if ready_line is None else re.compile(ready_line, re.MULTILINE)
     deadline = time.monotonic() + timeout
     while True:

@@ -27,7 +27,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -143,9 +143,14 @@ def _import(ref: TeardownRef, sys_path: list[str]) -> ModuleType:
     return module
 
 
-@dataclass(frozen=True)
+@dataclass
 class Instance:
-    """One build of a template with a teardown: what the teardown needs, and who built it."""
+    """One build of a template with a teardown: what the teardown needs, and who built it.
+
+    Recorded when the build starts (``built`` false, no value yet); ``started`` collects
+    the services the builder started with ``services.start``, so that a build that never
+    returned still has them stopped. ``built`` once the builder returned its value.
+    """
 
     template: str
     tid: str
@@ -157,6 +162,8 @@ class Instance:
     value: Any
     teardown: TeardownRef
     sys_path: list[str]
+    built: bool = False
+    started: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -176,6 +183,8 @@ class Instance:
                     "file": self.teardown.file,
                 },
                 "sys_path": self.sys_path,
+                "built": self.built,
+                "started": self.started,
             }
         )
 
@@ -186,9 +195,12 @@ class Instance:
             return None
         texts = [data.get(f) for f in ("template", "tid", "instance", "run_id", "built_by", "path")]
         ref, pid, sys_path = data.get("teardown"), data.get("pid"), data.get("sys_path")
+        built, started = data.get("built"), data.get("started")
         if not all(isinstance(t, str) for t in texts) or type(pid) is not int:
             return None
         if not isinstance(ref, dict) or not isinstance(sys_path, list):
+            return None
+        if not isinstance(built, bool) or not isinstance(started, list):
             return None
         module, qualname, file = ref.get("module"), ref.get("qualname"), ref.get("file")
         if not (isinstance(module, str) and isinstance(qualname, str)):
@@ -205,10 +217,12 @@ class Instance:
             value=data.get("value"),
             teardown=TeardownRef(module, qualname, file if isinstance(file, str) else None),
             sys_path=[p for p in sys_path if isinstance(p, str)],
+            built=built,
+            started=[v for v in started if isinstance(v, dict)],
         )
 
 
-def record_built(
+def record_building(
     layout: Layout,
     *,
     template: str,
@@ -216,11 +230,10 @@ def record_built(
     run_id: str,
     worker: str,
     path: Path,
-    value: Any,
     ref: TeardownRef,
     controller: OwnerRecord,
 ) -> Instance:
-    """Record a build whose template has a teardown; its run is the first user."""
+    """Record a build of a template with a teardown as it starts; its run is the first user."""
     make_dir(layout.services_root)
     make_dir(layout.service_dir(tid))
     instance = Instance(
@@ -231,14 +244,30 @@ def record_built(
         built_by=worker,
         pid=os.getpid(),
         path=str(path),
-        value=value,
+        value=None,
         teardown=ref,
         sys_path=list(sys.path),
     )
     # The user entry first: a record without a user would be torn down by any run's end.
     _join(layout, instance, controller)
-    write_atomic(layout.service_record(tid, instance.instance), instance.to_json())
+    _write(layout, instance)
     return instance
+
+
+def add_started(layout: Layout, instance: Instance, service: dict[str, Any]) -> None:
+    """The builder started ``service`` (``services.start``'s value): stopped if it dies."""
+    instance.started.append(service)
+    _write(layout, instance)
+
+
+def record_built(layout: Layout, instance: Instance, path: Path, value: Any) -> None:
+    """The builder returned ``value``: from now on the teardown gets it."""
+    instance.built, instance.value, instance.path = True, value, str(path)
+    _write(layout, instance)
+
+
+def _write(layout: Layout, instance: Instance) -> None:
+    write_atomic(layout.service_record(instance.tid, instance.instance), instance.to_json())
 
 
 def join(layout: Layout, tid: str, run_id: str, controller: OwnerRecord) -> int:
@@ -271,9 +300,11 @@ class Result:
     run_by: str
     built_by: str
     error: str | None = None
+    unfinished: bool = False  # the build never returned: only its started services stopped
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "unfinished": self.unfinished,
             "template": self.template,
             "outcome": self.outcome,
             "seconds": self.seconds,
@@ -351,12 +382,16 @@ def _claim(layout: Layout, instance: Instance, runner: OwnerRecord) -> bool:
 
 def _tear_down(layout: Layout, instance: Instance, run_by: str, timeout: float) -> Result:
     started = clock.monotonic()
-    try:
-        func = resolve(instance.teardown, instance.sys_path)
-    except TeardownError as exc:
-        outcome, error = FAILED, str(exc) or None
+    if not instance.built:
+        # No value: the teardown cannot be called. What the helper started is known.
+        outcome, error = call(_stop_all, Path(instance.path), instance.started, timeout)
     else:
-        outcome, error = call(func, Path(instance.path), instance.value, timeout)
+        try:
+            func = resolve(instance.teardown, instance.sys_path)
+        except TeardownError as exc:
+            outcome, error = FAILED, str(exc) or None
+        else:
+            outcome, error = call(func, Path(instance.path), instance.value, timeout)
     seconds = clock.monotonic() - started
     # Attempted once, whatever came of it: the record goes, and with it the template,
     # whose value names a service that is gone (a later run must build it afresh).
@@ -366,7 +401,15 @@ def _tear_down(layout: Layout, instance: Instance, run_by: str, timeout: float) 
     _unlink(layout.service_claim(instance.tid, instance.instance))
     with contextlib.suppress(OSError):
         os.rmdir(layout.service_dir(instance.tid))
-    return Result(instance.template, outcome, seconds, run_by, instance.built_by, error)
+    unfinished = not instance.built
+    return Result(instance.template, outcome, seconds, run_by, instance.built_by, error, unfinished)
+
+
+def _stop_all(path: Path, started: list[dict[str, Any]]) -> None:
+    from . import services
+
+    for value in started:
+        services.stop(value)
 
 
 def _unpublish(layout: Layout, instance: Instance) -> None:

@@ -39,6 +39,7 @@ SERVICE_CONFTEST = """
 
     def stop_server(path, value):
         line = {"pid": value["pid"], "at": time.time(), "by": os.getpid(), "path": str(path)}
+        line["pgid"] = os.getpgid(0)
         with open(TEARDOWNS, "a") as handle:
             handle.write(json.dumps(line) + "\\n")
         services.stop(value)
@@ -302,3 +303,135 @@ def test_ctrl_c_tears_down_once_after_the_running_test(suite: Suite) -> None:
     assert "teardown by controller: done" in proc.output()
     assert [d["pid"] for d in teardowns(suite)] == [server]
     assert_nothing_left(suite, {server})
+
+
+HANGING_TESTS = """
+    import time
+
+    import pytest
+
+    import prewarm_probe as probe
+
+
+    @pytest.mark.parametrize("i", range(4))
+    @pytest.mark.prewarm("server")
+    def test_hangs_with_the_server(prewarmed, i):
+        probe.record("up", server=prewarmed["server"].value["pid"])
+        time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("args", [["-n", "2"], ["-p", "no:xdist"]], ids=["n2", "no-xdist"])
+def test_a_run_killed_as_a_process_group_is_torn_down_within_2_s(
+    suite: Suite, args: list[str]
+) -> None:
+    suite.write(conftest=SERVICE_CONFTEST, test_hang=HANGING_TESTS)
+    proc = suite.spawn(*args)
+    expected = 2 if "-n" in args else 1
+    wait_until(lambda: len(suite.records("up")) >= expected, 60, what="the tests to start")
+    server = suite.records("up")[0]["server"]
+
+    killed_at = time.time()
+    os.killpg(proc.pid, signal.SIGKILL)
+
+    proc.wait()
+    wait_until(lambda: teardowns(suite), 30, what="the reaper's teardown")
+    [done] = teardowns(suite)
+    assert done["pid"] == server
+    assert done["pgid"] != proc.pid  # run outside the killed group: by the reaper
+    assert done["at"] - killed_at < 2.0
+    assert_nothing_left(suite, {server})
+    assert not list((suite.lock_dir / "services").glob("*/*.json"))
+    log = next((suite.lock_dir / "services").glob("*.reaper.log")).read_text()
+    assert "teardown of 'server': ok" in log
+
+
+RETURN_LINE = '        return services.start(argv, path, name="http", port=port)'
+STARTED_LINES = [
+    '        value = services.start(argv, path, name="http", port=port)',
+    '        probe.record("started", server=value["pid"])',
+]
+CRASHING_CONFTEST = SERVICE_CONFTEST.replace(
+    RETURN_LINE,
+    "\n".join(
+        [
+            *STARTED_LINES,
+            '        if os.environ.get("PREWARM_TEST_CRASH") == "build" and attempt == 1:',
+            "            os._exit(9)  # the worker dies with its server up, before returning",
+            "        return value",
+        ]
+    ),
+).replace("        probe.count_attempt(path)", "        attempt = probe.count_attempt(path)")
+
+CRASH_IN_TEST = """
+    import os
+    import time
+
+    import pytest
+
+    import prewarm_probe as probe
+
+
+    @pytest.mark.parametrize("i", range(6))
+    @pytest.mark.prewarm("server")
+    def test_uses_the_server(prewarmed, i):
+        value = prewarmed["server"].value
+        probe.record("ran", end=time.time(), server=value["pid"])
+        if os.environ.get("PREWARM_TEST_CRASH") == "test" and i == 0:
+            os._exit(9)
+"""
+
+
+def test_a_builder_that_dies_mid_build_has_its_server_stopped_and_the_rebuild_torn_down(
+    suite: Suite,
+) -> None:
+    suite.write(conftest=CRASHING_CONFTEST, test_use=CRASH_IN_TEST)
+
+    result = suite.run("-n", "2", "--max-worker-restart=2", env={"PREWARM_TEST_CRASH": "build"})
+
+    assert len(suite.attempts()) == 2
+    started = {r["server"] for r in suite.records("started")}
+    [rebuilt] = {r["server"] for r in suite.records("ran")}
+    assert len(started) == 2
+    assert rebuilt in started
+    # The rebuild's server got the user's teardown; the dead build's, a stop by its record.
+    assert [d["pid"] for d in teardowns(suite)] == [rebuilt]
+    result.stdout.fnmatch_lines(
+        ["*server  teardown by controller: stopped what its unfinished build started in *"]
+    )
+    result.stdout.fnmatch_lines(["*server  teardown by controller: done in *"])
+    assert_nothing_left(suite, started)
+
+
+def test_a_worker_that_dies_after_building_leaves_one_teardown_to_the_controller(
+    suite: Suite,
+) -> None:
+    suite.write(conftest=CRASHING_CONFTEST, test_use=CRASH_IN_TEST)
+
+    result = suite.run(
+        "-n", "2", "--max-worker-restart=2", "-p", "no:randomly", env={"PREWARM_TEST_CRASH": "test"}
+    )
+
+    result.stdout.fnmatch_lines(["*worker 'gw*' crashed while running*"])
+    assert len(suite.attempts()) == 1
+    [server] = {r["server"] for r in suite.records("started")}
+    assert [d["pid"] for d in teardowns(suite)] == [server]
+    assert_nothing_left(suite, {server})
+
+
+def test_a_build_that_fails_after_starting_a_server_has_it_stopped(suite: Suite) -> None:
+    suite.write(
+        conftest=SERVICE_CONFTEST.replace(
+            RETURN_LINE,
+            "\n".join([*STARTED_LINES, '        raise RuntimeError("migrations failed")']),
+        ),
+        test_use=USE_TESTS,
+    )
+
+    result = suite.run("-p", "no:xdist")
+
+    result.assert_outcomes(errors=6)
+    [started] = suite.records("started")
+    assert teardowns(suite) == []  # no value: the user's teardown cannot be called
+    result.stdout.fnmatch_lines(["*stopped what its unfinished build started*"])
+    assert_nothing_left(suite, {started["server"]})
