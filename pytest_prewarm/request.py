@@ -271,13 +271,18 @@ class TemplateStore:
 
         teardown.record_built(self.layout, instance, path, value)
 
-    def join_teardown(self, tid: str) -> None:
-        """This run uses a template with a teardown that another run built: join its users."""
+    def join_teardown(self, tid: str, meta: Meta) -> bool:
+        """This run uses a template with a teardown that another run built: join its users.
+
+        False if that run tore it down meanwhile: the request must start again.
+        """
         from . import reaper, teardown
 
         controller = self.controller_record()
-        if teardown.join(self.layout, tid, self.run_id, controller):
+        joined = teardown.join(self.layout, tid, controller, meta, self.teardown_timeout)
+        if joined:
             reaper.ensure_running(self.layout, self.run_id, controller, self.teardown_timeout)
+        return joined is not False
 
     def controller_record(self) -> OwnerRecord:
         if self._controller is None:
@@ -342,7 +347,7 @@ class TemplateStore:
             if cached is not None:
                 return cached
             try:
-                template = _Fetch(self, request, tid, canonical).run(wait=wait)
+                template = self._fetch(request, tid, canonical, wait=wait)
             except PrewarmBuildError as exc:
                 self._results[tid] = exc  # one attempt per run, in this process too
                 raise
@@ -357,11 +362,27 @@ class TemplateStore:
             del self._guard_owners[tid]
             guard.release()
 
+    def _fetch(self, request: Request, tid: str, canonical: str, *, wait: bool) -> Template | None:
+        __tracebackhide__ = True  # users need the builder's frames, not ours
+        for _ in range(MAX_TORN_DOWN):
+            try:
+                return _Fetch(self, request, tid, canonical).run(wait=wait)
+            except _TornDown:
+                continue  # another run's service went down as we joined: build afresh
+        return _Fetch(self, request, tid, canonical).run(wait=wait)
+
     def _guard(self, tid: str) -> threading.Lock:
         # Threads of one process (an eager background build and a test) serialise here,
         # before the cross-process lock, so a builder never runs concurrently with itself.
         with self._guards_lock:
             return self._guards.setdefault(tid, threading.Lock())
+
+
+class _TornDown(Exception):
+    """The published template's service was torn down by its last user as we joined it."""
+
+
+MAX_TORN_DOWN = 3  # each needs a concurrent run to build, publish and tear down meanwhile
 
 
 @dataclass(frozen=True)
@@ -411,9 +432,10 @@ class _Fetch:
             built_by = done.built_by
             if done.run_id != self.store.run_id:
                 built_by = f"{built_by} of run {done.run_id[:8]}"
+            joins = self.request.teardown is not None and done.run_id != self.store.run_id
+            if joins and not self.store.join_teardown(self.tid, done):
+                raise _TornDown
             self._event(Outcome(origin), waited, built_by=built_by)
-            if self.request.teardown is not None and done.run_id != self.store.run_id:
-                self.store.join_teardown(self.tid)
             return self._template(done, origin)
         assert acquired is not None
         try:

@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -270,15 +271,41 @@ def _write(layout: Layout, instance: Instance) -> None:
     write_atomic(layout.service_record(instance.tid, instance.instance), instance.to_json())
 
 
-def join(layout: Layout, tid: str, run_id: str, controller: OwnerRecord) -> int:
-    """Make this run a user of every recorded instance of ``tid`` built by another run."""
-    joined = 0
+def join(
+    layout: Layout, tid: str, controller: OwnerRecord, meta: Meta, timeout: float
+) -> bool | None:
+    """Make this run a user of the instance that published ``meta`` (another run's build).
+
+    True: joined, the service stays up until this run leaves. False: its last user tore
+    it down meanwhile; ask again (the template is unpublished, or about to be). None: no
+    instance published it (built without a teardown): nothing to join.
+    """
     for path in sorted(layout.service_dir(tid).glob("*.json")):
         instance = Instance.read(path)
-        if instance is not None and instance.run_id != run_id:
-            _join(layout, instance, controller)
-            joined += 1
-    return joined
+        if instance is None or (instance.run_id, instance.pid) != (meta.run_id, meta.pid):
+            continue
+        _join(layout, instance, controller)
+        # Its last user may have claimed it just before we joined: that one then either
+        # sees us and backs off (the claim goes, the record stays) or tears it down (both
+        # go). Which, is known within the teardown's time.
+        claim = layout.service_claim(tid, instance.instance)
+        deadline = clock.monotonic() + timeout
+        while os.path.lexists(claim) and os.path.lexists(path) and clock.monotonic() < deadline:
+            time.sleep(0.01)  # the claimer leaves no kernel object to wait on
+        if os.path.lexists(path) and not os.path.lexists(claim):
+            return True
+        _unlink(layout.service_user(tid, instance.instance, controller.run_id))
+        return False
+    # No record: none ever was, or it was torn down after we read meta.json. A teardown
+    # unpublishes before it removes the record, so meta.json tells the two apart.
+    now = Meta.read(layout.meta_file(tid))
+    if now is None or (now.run_id, now.pid, now.published_at) != (
+        meta.run_id,
+        meta.pid,
+        meta.published_at,
+    ):
+        return False
+    return None
 
 
 def _join(layout: Layout, instance: Instance, controller: OwnerRecord) -> None:
@@ -382,6 +409,9 @@ def _claim(layout: Layout, instance: Instance, runner: OwnerRecord) -> bool:
 
 def _tear_down(layout: Layout, instance: Instance, run_by: str, timeout: float) -> Result:
     started = clock.monotonic()
+    # Unpublished first: a run that reads meta.json from now on builds afresh instead of
+    # joining a service on its way down (see ``join``).
+    _unpublish(layout, instance)
     if not instance.built:
         # No value: the teardown cannot be called. What the helper started is known.
         outcome, error = call(_stop_all, Path(instance.path), instance.started, timeout)
@@ -393,9 +423,7 @@ def _tear_down(layout: Layout, instance: Instance, run_by: str, timeout: float) 
         else:
             outcome, error = call(func, Path(instance.path), instance.value, timeout)
     seconds = clock.monotonic() - started
-    # Attempted once, whatever came of it: the record goes, and with it the template,
-    # whose value names a service that is gone (a later run must build it afresh).
-    _unpublish(layout, instance)
+    # Attempted once, whatever came of it: the record goes.
     shutil.rmtree(layout.service_users(instance.tid, instance.instance), ignore_errors=True)
     _unlink(layout.service_record(instance.tid, instance.instance))
     _unlink(layout.service_claim(instance.tid, instance.instance))

@@ -435,3 +435,67 @@ def test_a_build_that_fails_after_starting_a_server_has_it_stopped(suite: Suite)
     assert teardowns(suite) == []  # no value: the user's teardown cannot be called
     result.stdout.fnmatch_lines(["*stopped what its unfinished build started*"])
     assert_nothing_left(suite, {started["server"]})
+
+
+SHARED_TESTS = """
+    import time
+
+    import pytest
+
+    import prewarm_probe as probe
+
+
+    @pytest.mark.prewarm("server")
+    def test_shares_the_server(prewarmed):
+        value = prewarmed["server"].value
+        probe.record("ran", end=time.time(), server=value["pid"], origin=prewarmed["server"].origin)
+        release = probe.HERE / f"release-{probe.RUN}"
+        probe.wait_until(release.exists, what=str(release))
+"""
+
+
+@pytest.mark.parametrize(
+    ("first", "how"),
+    [("a", "end"), ("b", "end"), ("a", "kill")],
+    ids=["builder-ends-first", "joiner-ends-first", "builder-killed-first"],
+)
+def test_concurrent_runs_sharing_a_service_leave_it_to_the_last_to_end(
+    suite: Suite, first: str, how: str
+) -> None:
+    suite.write(conftest=SERVICE_CONFTEST, test_shared=SHARED_TESTS)
+    runs = {"a": suite.spawn("-p", "no:xdist", run="a")}
+    wait_until(lambda: suite.records("ran", "a"), 60, what="run a to build and use the server")
+    runs["b"] = suite.spawn("-n", "2", run="b")
+    wait_until(lambda: suite.records("ran", "b"), 60, what="run b to use the server")
+    [a], [b] = suite.records("ran", "a"), suite.records("ran", "b")
+    assert (a["origin"], b["origin"]) == ("built", "reused")
+    server = a["server"]
+    assert b["server"] == server
+    last = "b" if first == "a" else "a"
+
+    if how == "kill":
+        os.killpg(runs[first].pid, signal.SIGKILL)
+    else:
+        (suite.path / f"release-{first}").touch()
+    runs[first].wait()
+    # The first run's end (or its watcher, once it was killed) leaves the server up.
+    wait_until(lambda: not reapers_left_for(suite, runs[first].pid), 10, what="its watcher")
+    assert teardowns(suite) == []
+    assert running(server)
+
+    (suite.path / f"release-{last}").touch()
+    assert runs[last].wait() == 0, runs[last].output()
+
+    [done] = teardowns(suite)
+    assert done["pid"] == server
+    assert done["by"] == runs[last].pid  # the last run's controller
+    assert_nothing_left(suite, {server})
+
+
+def reapers_left_for(suite: Suite, controller: int) -> list[psutil.Process]:
+    """Watchers of the run whose controller is ``controller``."""
+    return [
+        p
+        for p in reapers_left(suite.lock_dir)
+        if f'"pid": {controller},' in " ".join(p.info["cmdline"])
+    ]
