@@ -219,7 +219,9 @@ def pytest_sessionfinish_teardowns(session: pytest.Session) -> Any:
     state = session.config.stash.get(STATE_KEY, None)
     if state is None or _is_worker(session.config):
         return result
-    from . import teardown  # lazily: a run that built no service finds nothing to do
+    if not state.store.layout.services_root.is_dir():
+        return result  # no template with a teardown was built: nothing to load or do
+    from . import teardown
 
     state.teardowns = teardown.finish(
         state.store.layout,

@@ -75,7 +75,7 @@ def ensure_running(layout: Layout, run_id: str, controller: OwnerRecord, timeout
 
 
 def _detached() -> dict[str, Any]:
-    if sys.platform == "win32":
+    if sys.platform == "win32":  # pragma: no cover - Windows
         flags = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.DETACHED_PROCESS
         return {"creationflags": flags}
     return {"start_new_session": True}

@@ -369,7 +369,10 @@ class TemplateStore:
                 return _Fetch(self, request, tid, canonical).run(wait=wait)
             except _TornDown:
                 continue  # another run's service went down as we joined: build afresh
-        return _Fetch(self, request, tid, canonical).run(wait=wait)
+        raise PrewarmLockError(
+            f"template {request.name!r}: another run sharing the lock dir {self.lock_dir} tore "
+            f"its service down each of the {MAX_TORN_DOWN} times this run joined it; run again"
+        )
 
     def _guard(self, tid: str) -> threading.Lock:
         # Threads of one process (an eager background build and a test) serialise here,

@@ -147,7 +147,7 @@ def start(
 
 
 def _detached() -> dict[str, Any]:
-    if sys.platform == "win32":
+    if sys.platform == "win32":  # pragma: no cover - Windows
         return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
     return {"start_new_session": True}
 
