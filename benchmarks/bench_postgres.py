@@ -56,7 +56,10 @@ def _tree(root: psutil.Process, homes: list[str]) -> list[psutil.Process]:
     except psutil.Error:
         procs = {}
     for pid in pg.server_processes(homes):
-        procs.setdefault(pid, psutil.Process(pid))
+        try:
+            procs.setdefault(pid, psutil.Process(pid))
+        except psutil.Error:
+            continue  # exited between the two looks
     return list(procs.values())
 
 
@@ -80,7 +83,7 @@ def run_once(variant: str, python: str, workers: int) -> dict[str, Any]:
         while not stop.is_set():
             homes = [json.loads(line)["home"] for line in log.read_text().splitlines()]
             peak = max(peak, sum(_memory(p) for p in _tree(root, homes)))
-            stop.wait(0.1)
+            stop.wait(0.1)  # a sample every 0.1 s: memory has no event to wait for
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

@@ -22,7 +22,6 @@ import importlib.util
 import inspect
 import json
 import os
-import shutil
 import sys
 import threading
 import time
@@ -424,7 +423,7 @@ def _tear_down(layout: Layout, instance: Instance, run_by: str, timeout: float) 
             outcome, error = call(func, Path(instance.path), instance.value, timeout)
     seconds = clock.monotonic() - started
     # Attempted once, whatever came of it: the record goes.
-    shutil.rmtree(layout.service_users(instance.tid, instance.instance), ignore_errors=True)
+    remove_tree(layout.service_users(instance.tid, instance.instance))
     _unlink(layout.service_record(instance.tid, instance.instance))
     _unlink(layout.service_claim(instance.tid, instance.instance))
     with contextlib.suppress(OSError):
