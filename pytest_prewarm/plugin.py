@@ -226,7 +226,7 @@ def pytest_sessionfinish_teardowns(session: pytest.Session) -> Any:
     state.teardowns = teardown.finish(
         state.store.layout,
         state.run_id,
-        runner=state.store.controller_record(),
+        runner=state.store.services().controller(),
         timeout=state.settings.teardown_timeout.value,
     )
     if any(r.outcome != teardown.OK for r in state.teardowns) and session.exitstatus in (

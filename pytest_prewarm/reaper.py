@@ -1,4 +1,5 @@
-"""The watcher that tears a killed run's services down, from outside the run's process group.
+"""The watcher that tears a killed run's services down, from outside the run's process group;
+and ``RunServices``, a process's side of its run's services, which starts the watcher.
 
 The first process of a run to build (or join) a template with a teardown starts one
 watcher for the run: ``python -m pytest_prewarm.reaper``, in a session of its own, so a
@@ -21,12 +22,83 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import services
 from .files import O_CLOEXEC, O_NOFOLLOW, write_atomic
 from .layout import Layout
 from .liveness import Liveness, classify, own_record
 from .owner import OwnerRecord, parse_record
-from .teardown import OK, finish
+from .records import Meta
+from .teardown import (
+    OK,
+    Instance,
+    Teardown,
+    add_started,
+    finish,
+    join,
+    record_building,
+    record_built,
+    reference,
+)
 from .trust import make_dir
+
+
+class RunServices:
+    """One process's part in its run's services: its builds and joins, recorded; the watcher.
+
+    Made by ``TemplateStore.services()`` on first use: a run that builds no template with
+    a teardown never makes one (nor loads this module, teardown.py or psutil).
+    """
+
+    def __init__(
+        self, layout: Layout, run_id: str, worker: str, controller_pid: int, timeout: float
+    ) -> None:
+        self.layout = layout
+        self.run_id = run_id
+        self.worker = worker
+        self.controller_pid = controller_pid
+        self.timeout = timeout
+        self._controller: OwnerRecord | None = None
+
+    def controller(self) -> OwnerRecord:
+        """The owner record of the run's controller: its end is the run's end."""
+        if self._controller is None:
+            self._controller = own_record("controller", self.run_id, self.controller_pid)
+        return self._controller
+
+    def begin(self, template: str, tid: str, data: Path, func: Teardown) -> Instance:
+        """A build of a template with teardown ``func`` starts in ``data``: record it."""
+        # The watcher first: killed after it, the record is found; killed before, no record.
+        ensure_running(self.layout, self.run_id, self.controller(), self.timeout)
+        return record_building(
+            self.layout,
+            template=template,
+            tid=tid,
+            run_id=self.run_id,
+            worker=self.worker,
+            path=data,
+            ref=reference(func, template),
+            controller=self.controller(),
+        )
+
+    def watch(self, instance: Instance | None) -> contextlib.AbstractContextManager[None]:
+        """While a build runs: each service it starts is added to its instance record."""
+        if instance is None:
+            return contextlib.nullcontext()
+        return services.reporting_to(lambda value: add_started(self.layout, instance, value))
+
+    def built(self, instance: Instance, path: Path, value: Any) -> None:
+        record_built(self.layout, instance, path, value)
+
+    def join(self, tid: str, meta: Meta) -> bool:
+        """This run uses a template with a teardown that another run built: join its users.
+
+        False if that run tore it down meanwhile: the request must start again.
+        """
+        joined = join(self.layout, tid, self.controller(), meta, self.timeout)
+        if joined:
+            ensure_running(self.layout, self.run_id, self.controller(), self.timeout)
+        return joined is not False
+
 
 # Popen objects of the watchers this process started: kept so that none is garbage
 # collected (with a ResourceWarning) while it runs.

@@ -47,7 +47,6 @@ from .liveness import Identity, Liveness, boot_id
 from .locking import Acquired, Holder, Lock
 from .locks import lock_factory
 from .names import canonical_key, check_name
-from .owner import OwnerRecord
 from .records import Meta, failure_to_json, hold_id, read_failure
 from .registry import Registry
 from .trust import check_dir, is_mine, kind_of, make_dir, remove_tree
@@ -214,7 +213,7 @@ class TemplateStore:
         # run's end, and how long a teardown may take. A worker is told the pid.
         self.controller_pid = os.getpid()
         self.teardown_timeout = 60.0
-        self._controller: OwnerRecord | None = None
+        self._services: Any = None
         self.layout.ensure()
         # Background deletions die with their process; finish any that were cut short.
         for leftover in self.layout.trash.iterdir():
@@ -234,62 +233,15 @@ class TemplateStore:
             except OSError:
                 continue
 
-    def teardown_begin(self, request: Request, tid: str, data: Path) -> Any:
-        """Record a starting build of a template with a teardown; start the run's watcher.
+    def services(self) -> Any:
+        """This process's ``reaper.RunServices``: made, and reaper.py loaded, on first use."""
+        if self._services is None:
+            from .reaper import RunServices  # a run that builds no service never loads it
 
-        Returns the ``teardown.Instance``, for ``watch_services`` and ``teardown_built``.
-        """
-        from . import reaper, teardown  # lazily: a run without services never loads them
-
-        assert request.teardown is not None
-        controller = self.controller_record()
-        # The watcher first: killed after it, the record is found; killed before, no record.
-        reaper.ensure_running(self.layout, self.run_id, controller, self.teardown_timeout)
-        return teardown.record_building(
-            self.layout,
-            template=request.name,
-            tid=tid,
-            run_id=self.run_id,
-            worker=self.worker,
-            path=data,
-            ref=teardown.reference(request.teardown, request.name),
-            controller=controller,
-        )
-
-    def watch_services(self, instance: Any) -> contextlib.AbstractContextManager[None]:
-        """While a build runs: each service it starts is added to its instance record."""
-        if instance is None:
-            return contextlib.nullcontext()
-        from . import services, teardown
-
-        return services.reporting_to(
-            lambda value: teardown.add_started(self.layout, instance, value)
-        )
-
-    def teardown_built(self, instance: Any, path: Path, value: Any) -> None:
-        from . import teardown
-
-        teardown.record_built(self.layout, instance, path, value)
-
-    def join_teardown(self, tid: str, meta: Meta) -> bool:
-        """This run uses a template with a teardown that another run built: join its users.
-
-        False if that run tore it down meanwhile: the request must start again.
-        """
-        from . import reaper, teardown
-
-        controller = self.controller_record()
-        joined = teardown.join(self.layout, tid, controller, meta, self.teardown_timeout)
-        if joined:
-            reaper.ensure_running(self.layout, self.run_id, controller, self.teardown_timeout)
-        return joined is not False
-
-    def controller_record(self) -> OwnerRecord:
-        if self._controller is None:
-            from .liveness import own_record
-
-            self._controller = own_record("controller", self.run_id, self.controller_pid)
-        return self._controller
+            self._services = RunServices(
+                self.layout, self.run_id, self.worker, self.controller_pid, self.teardown_timeout
+            )
+        return self._services
 
     def get(self, request: Request) -> Template:
         """The template, built here or by another process; waits up to the timeout."""
@@ -436,7 +388,7 @@ class _Fetch:
             if done.run_id != self.store.run_id:
                 built_by = f"{built_by} of run {done.run_id[:8]}"
             joins = self.request.teardown is not None and done.run_id != self.store.run_id
-            if joins and not self.store.join_teardown(self.tid, done):
+            if joins and not self.store.services().join(self.tid, done):
                 raise _TornDown
             self._event(Outcome(origin), waited, built_by=built_by)
             return self._template(done, origin)
@@ -540,15 +492,15 @@ class _Fetch:
         attempt = self.layout.new_attempt(self.tid)
         data = attempt / DATA_DIR
         data.mkdir(mode=0o700, parents=True)
-        instance = None
-        if self.request.teardown is not None:
-            instance = self.store.teardown_begin(self.request, self.tid, data)
+        instance, teardown = None, self.request.teardown
+        if teardown is not None:
+            instance = self.store.services().begin(self.request.name, self.tid, data, teardown)
         started = clock.monotonic()
         output = self._capture(data)
         try:
             # The build's stdout and stderr, teed to its log (see capture.py); with a
             # teardown, each service it starts is recorded as it starts.
-            with output, self.store.watch_services(instance):
+            with output, self.store.services().watch(instance):
                 returned = self.request.build(data)
             value = json_round_trip(
                 returned, self.name, (str(data), str(self.layout.data_dir(self.tid)))
@@ -590,7 +542,7 @@ class _Fetch:
         )
         if instance is not None:
             # Before publishing: a service that runs is torn down even if publishing fails.
-            self.store.teardown_built(instance, self.layout.data_dir(self.tid), value)
+            self.store.services().built(instance, self.layout.data_dir(self.tid), value)
         try:
             self._publish(attempt, meta)
         except OSError as exc:
