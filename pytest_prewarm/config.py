@@ -19,6 +19,7 @@ DEFAULT_TIMEOUT = 1800.0  # container image builds take minutes; a hang still en
 
 DEFAULT_NOTICE_AFTER = 10.0
 DEFAULT_REPORT = 10
+DEFAULT_TEARDOWN_TIMEOUT = 60.0  # teardown.DEFAULT_TIMEOUT; not imported: start-up stays light
 
 # (option suffix, ini type, help). The same help text serves the option and its ini twin.
 _OPTIONS: list[tuple[str, str, str]] = [
@@ -63,6 +64,12 @@ _OPTIONS: list[tuple[str, str, str]] = [
         "build the templates named by selected tests' prewarm markers early, in a "
         "background thread, splitting them across workers (default on). Turn off with "
         "--no-prewarm-eager for builders that must run on the main thread.",
+    ),
+    (
+        "teardown-timeout",
+        "string",
+        f"seconds a template's teardown may run before it is reported as hung and the run "
+        f"fails (default {DEFAULT_TEARDOWN_TIMEOUT:.0f}).",
     ),
     (
         "report",
@@ -321,6 +328,7 @@ class Settings:
     eager: bool = True
     supplied: dict[str, Any] = field(default_factory=dict)  # name -> supply.Supplied
     keys_path: Path | None = None
+    teardown_timeout: Setting = Setting(DEFAULT_TEARDOWN_TIMEOUT, "default")
 
     @property
     def heartbeat(self) -> float:
@@ -354,6 +362,9 @@ class Settings:
             lock_mode=_lock_mode(config),
             stale_after=_stale_after(config, timeout),
             supplied=_supplied(config),
+            teardown_timeout=_seconds(
+                config, "teardown-timeout", DEFAULT_TEARDOWN_TIMEOUT, zero_ok=False
+            ),
         )
 
     def as_dict(self, *, lock_dir: Path, lock_mode: LockMode) -> dict[str, Any]:
@@ -369,4 +380,5 @@ class Settings:
             "eager": self.eager,
             "stale_after": self.stale_after.value,
             "supplied": {name: str(s.path) for name, s in self.supplied.items()},
+            "teardown_timeout": self.teardown_timeout.value,
         }

@@ -18,6 +18,13 @@
     events/<run>/*.jsonl     what each process of a run did, for the summary
     trash/                   dead builds and superseded ones moved aside, deleted in background
     lock-mode                the mode the first run chose; later runs must agree
+    services/<id>/<inst>.json        a built template with a teardown: what it needs
+    services/<id>/<inst>.claim       who runs that teardown now (see teardown.py)
+    services/<id>/<inst>.users/<run> a run that uses that instance, until it ends
+    services/<run>.reaper            the run's watcher (reaper.py); its .log beside it
+
+``services/`` is made only when a template with a teardown is built: a run that uses
+no service finds nothing there to read.
 
 ``<id>`` is the safe file stem of the name plus a digest of the key, so a different key
 is a different template with its own lock.
@@ -143,6 +150,37 @@ class Layout:
 
     def events_file(self, run_id: str, worker: str, pid: int) -> Path:
         return self.events_dir(run_id) / f"{file_stem(worker)}-{pid}.jsonl"
+
+    # -- services (templates with a teardown) ------------------------------------------------
+
+    @property
+    def services_root(self) -> Path:
+        return self.root / "services"
+
+    def service_dir(self, tid: str) -> Path:
+        return self.services_root / tid
+
+    def service_record(self, tid: str, instance: str) -> Path:
+        return self.service_dir(tid) / f"{instance}.json"
+
+    def service_claim(self, tid: str, instance: str) -> Path:
+        return self.service_dir(tid) / f"{instance}.claim"
+
+    def service_users(self, tid: str, instance: str) -> Path:
+        return self.service_dir(tid) / f"{instance}.users"
+
+    def service_user(self, tid: str, instance: str, run_id: str) -> Path:
+        return self.service_users(tid, instance) / f"{file_stem(run_id)}.json"
+
+    def service_records(self) -> list[Path]:
+        """Every instance record, oldest template id first; none if no service was built."""
+        return sorted(self.services_root.glob("*/*.json"))
+
+    def reaper_marker(self, run_id: str) -> Path:
+        return self.services_root / f"{file_stem(run_id)}.reaper"
+
+    def reaper_log(self, run_id: str) -> Path:
+        return self.services_root / f"{file_stem(run_id)}.reaper.log"
 
     @property
     def mode_file(self) -> Path:

@@ -165,7 +165,11 @@ def own_identity() -> tuple[int, int | None, float | None]:
     Start ticks exist only where /proc does (Linux, unless the portable path is forced);
     elsewhere create_time is the start token.
     """
-    pid = os.getpid()
+    return identity_of(os.getpid())
+
+
+def identity_of(pid: int) -> tuple[int, int | None, float | None]:
+    """(pid, start ticks, create time) of process ``pid``, as ``own_identity`` gives them."""
     if not LINUX:
         return pid, None, _own_create_time(pid)  # pragma: no cover - macOS and Windows only
     if not _proc_is_ours():
@@ -173,9 +177,9 @@ def own_identity() -> tuple[int, int | None, float | None]:
     return pid, (start_ticks(pid) if _by_ticks() else None), _own_create_time(pid)
 
 
-def own_record(worker: str, run_id: str) -> OwnerRecord:
-    """An owner record naming the calling process (``started_at`` left at 0)."""
-    pid, ticks, created = own_identity()
+def own_record(worker: str, run_id: str, pid: int | None = None) -> OwnerRecord:
+    """An owner record naming the calling process, or ``pid`` (``started_at`` left at 0)."""
+    pid, ticks, created = own_identity() if pid is None else identity_of(pid)
     here = local_host()
     return OwnerRecord(
         pid=pid,

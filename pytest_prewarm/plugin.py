@@ -8,6 +8,7 @@ The work happens in the core: request.py (one template request, start to end), e
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ from .request import (
     Builder,
     Configure,
     Request,
+    Teardown,
     Template,
     TemplateFactory,
     TemplateStore,
@@ -40,6 +42,7 @@ WORKERINPUT_LOCK_DIR = "prewarm_lock_dir"
 WORKERINPUT_RUN_ID = "prewarm_run_id"
 WORKERINPUT_LOCK_MODE = "prewarm_lock_mode"
 WORKEROUTPUT_EVENTS = "prewarm_events"
+WORKERINPUT_CONTROLLER_PID = "prewarm_controller_pid"
 
 
 @dataclass
@@ -55,6 +58,7 @@ class State:
     lock_mode: LockMode
     lock_mode_why: str
     eager_builds: eager.EagerBuilds | None = None
+    teardowns: list[Any] | None = None  # teardown.Result of each teardown this run ran
 
     @property
     def lock_dir(self) -> Path:
@@ -68,6 +72,7 @@ class State:
         timeout: float | None = None,
         configure: Configure | None = None,
         requires: Sequence[Template | str] = (),
+        teardown: Teardown | None = None,
     ) -> Request:
         return make_request(
             name,
@@ -79,6 +84,7 @@ class State:
             default_source=self.settings.timeout.source,
             configure=configure,
             requires=requires,
+            teardown=teardown,
         )
 
 
@@ -144,6 +150,9 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     except LockDirError as exc:  # a subdirectory that is a symlink, another user's...
         raise pytest.UsageError(f"prewarm: {exc}") from exc
+    if _is_worker(config):
+        store.controller_pid = int(workerinput.get(WORKERINPUT_CONTROLLER_PID) or os.getppid())
+    store.teardown_timeout = settings.teardown_timeout.value
     log = EventLog(store.layout, run_id, worker)
     store.on_event = log.record
     store.on_notice = _notice_writer(worker)
@@ -208,6 +217,33 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         ]
 
 
+@pytest.hookimpl(wrapper=True, trylast=True, specname="pytest_sessionfinish")
+def pytest_sessionfinish_teardowns(session: pytest.Session) -> Any:
+    # Innermost wrapper: its second half runs after every plain sessionfinish hook, so
+    # after xdist's, which brings the workers down; and before the terminal summary,
+    # which an outer wrapper (the terminal reporter's) writes after it.
+    result = yield
+    state = session.config.stash.get(STATE_KEY, None)
+    if state is None or _is_worker(session.config):
+        return result
+    if not state.store.layout.services_root.is_dir():
+        return result  # no template with a teardown was built: nothing to load or do
+    from . import teardown
+
+    state.teardowns = teardown.finish(
+        state.store.layout,
+        state.run_id,
+        runner=state.store.services().controller(),
+        timeout=state.settings.teardown_timeout.value,
+    )
+    if any(r.outcome != teardown.OK for r in state.teardowns) and session.exitstatus in (
+        pytest.ExitCode.OK,
+        pytest.ExitCode.NO_TESTS_COLLECTED,
+    ):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED  # as a failing fixture teardown
+    return result
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     config = terminalreporter.config
     state = config.stash.get(STATE_KEY, None)
@@ -218,11 +254,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         _write(state.settings.keys_path, keys.from_events(events))
     if state.settings.json_path is not None:
         data = report.to_json(
-            events, state.settings.as_dict(lock_dir=state.lock_dir, lock_mode=state.lock_mode)
+            events,
+            state.settings.as_dict(lock_dir=state.lock_dir, lock_mode=state.lock_mode),
+            teardowns=[r.to_dict() for r in state.teardowns or ()],
         )
         _write(state.settings.json_path, json.dumps(data, indent=2) + "\n")
     lines = report.format_summary(
-        events, top=state.settings.report_top, verbosity=config.get_verbosity()
+        events,
+        top=state.settings.report_top,
+        verbosity=config.get_verbosity(),
+        teardowns=[r.to_dict() for r in state.teardowns or ()],
     )
     if not lines:
         return
@@ -262,6 +303,7 @@ class XdistHooks:
         node.workerinput[WORKERINPUT_LOCK_DIR] = str(state.lock_dir)
         node.workerinput[WORKERINPUT_RUN_ID] = state.run_id
         node.workerinput[WORKERINPUT_LOCK_MODE] = str(state.lock_mode)
+        node.workerinput[WORKERINPUT_CONTROLLER_PID] = os.getpid()
 
     def pytest_testnodedown(self, node: Any, error: object) -> None:
         state = self.config.stash[STATE_KEY]
@@ -282,6 +324,8 @@ def prewarmed_template(request: pytest.FixtureRequest) -> TemplateFactory:
     ``.value``). The first process to take the template's lock calls ``build(path)`` on an
     empty directory; every other process waits, then gets the same published directory.
     Without ``build``, the builder registered with ``@pytest_prewarm.template(name)`` is used.
+    ``teardown(path, value)``, a module-level function, stops what the build started,
+    exactly once after the last test of the run that could use it (docs/usage.md).
     Annotate it as :class:`pytest_prewarm.TemplateFactory`.
     """
     state = request.config.stash[STATE_KEY]
@@ -294,9 +338,12 @@ def prewarmed_template(request: pytest.FixtureRequest) -> TemplateFactory:
         timeout: float | None = None,
         configure: Configure | None = None,
         requires: Sequence[Template | str] = (),
+        teardown: Teardown | None = None,
     ) -> Template:
         __tracebackhide__ = True  # users need the builder's frames, not ours
-        request = state.request_for(name, build, key, timeout, configure, requires)
+        request = state.request_for(
+            name, build, key, timeout, configure=configure, requires=requires, teardown=teardown
+        )
         return state.store.get(request)
 
     return get

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .exceptions import PrewarmUsageError
@@ -12,6 +13,7 @@ from .names import check_name
 
 Builder = Callable[..., Any]  # build(path), or build(path, layers) with requires=
 Configure = Callable[[Any], object]  # configure(template), in every process that gets it
+Teardown = Callable[[Path, Any], object]
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class Registered:
     where: str  # "conftest.py:12 (build_db)", for error messages
     configure: Configure | None = None
     requires: tuple[str, ...] = ()
+    teardown: Teardown | None = None
 
 
 def _where(func: Callable[..., Any]) -> str:
@@ -61,6 +64,7 @@ class Registry:
         *,
         configure: Configure | None = None,
         requires: tuple[str, ...] = (),
+        teardown: Teardown | None = None,
     ) -> Registered:
         check_name(name)
         if not callable(build):
@@ -75,7 +79,7 @@ class Registry:
                     f"requires= of template {name!r} names {required!r}; give the names of "
                     "registered templates, as strings"
                 )
-        entry = Registered(name, build, key, _where(build), configure, tuple(requires))
+        entry = Registered(name, build, key, _where(build), configure, tuple(requires), teardown)
         existing = self._builders.get(name)
         if existing is not None and not _same_function(existing.build, build):
             raise PrewarmUsageError(
@@ -108,6 +112,7 @@ def template(
     key: Any = None,
     configure: Configure | None = None,
     requires: tuple[str, ...] | list[str] = (),
+    teardown: Teardown | None = None,
 ) -> Callable[[Builder], Builder]:
     """Register the decorated function as the builder of template ``name``.
 
@@ -120,6 +125,10 @@ def template(
     ``requires`` names the templates this one is built on: the builder is then called as
     ``build(path, layers)``, and a change to a layer rebuilds this template too.
 
+    ``teardown(path, value)``, a function defined at module level, is called exactly once
+    per built template after the last test of the run (of every run sharing it) that
+    could use it, even when the run is killed; see docs/usage.md, "Services".
+
     Example, in a ``conftest.py``::
 
         @pytest_prewarm.template("db")
@@ -130,8 +139,15 @@ def template(
     if isinstance(requires, str):
         requires = (requires,)
 
+    if teardown is not None:
+        from .teardown import reference  # lazily, as in request.make_request
+
+        reference(teardown, name)
+
     def decorate(build: Builder) -> Builder:
-        REGISTRY.add(name, build, key, configure=configure, requires=tuple(requires))
+        REGISTRY.add(
+            name, build, key, configure=configure, requires=tuple(requires), teardown=teardown
+        )
         return build
 
     return decorate

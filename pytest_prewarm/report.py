@@ -102,12 +102,42 @@ def _secs(value: float) -> str:
     return f"{value:.2f} s"
 
 
-def format_summary(events: list[TemplateEvent], *, top: int = 10, verbosity: int = 0) -> list[str]:
+def teardown_lines(teardowns: Iterable[dict[str, Any]]) -> list[str]:
+    """One line per teardown the run ran; a failed or hung one with its error below it."""
+    lines = []
+    for t in teardowns:
+        head = f"{t['template']}  teardown by {t['run_by']}"
+        if t["outcome"] == "ok":
+            what = "stopped what its unfinished build started" if t.get("unfinished") else "done"
+            lines.append(f"{head}: {what} in {_secs(t['seconds'])}")
+            continue
+        word = "FAILED" if t["outcome"] == "failed" else "HUNG"
+        lines.append(f"{head}: {word} after {_secs(t['seconds'])}")
+        lines.extend(f"    {line}" for line in (t["error"] or "").splitlines())
+    return lines
+
+
+def format_summary(
+    events: list[TemplateEvent],
+    *,
+    top: int = 10,
+    verbosity: int = 0,
+    teardowns: Iterable[dict[str, Any]] = (),
+) -> list[str]:
     """The lines of the prewarm section (without its heading); empty when nothing happened.
 
     ``top`` limits the list of longest waits (0: all). ``verbosity`` is pytest's: below 0
     only the per-template lines; 2 and more also shows waits shorter than 0.05 s.
+    ``teardowns`` (``teardown.Result.to_dict()`` of each) follow under "teardowns:".
     """
+    torn = teardown_lines(teardowns)
+    lines = _template_lines(events, top=top, verbosity=verbosity)
+    if torn:
+        lines += ([""] if lines else []) + ["teardowns:"] + torn
+    return lines
+
+
+def _template_lines(events: list[TemplateEvent], *, top: int, verbosity: int) -> list[str]:
     summaries = summarize(events)
     if not summaries:
         return []
@@ -152,7 +182,12 @@ def format_summary(events: list[TemplateEvent], *, top: int = 10, verbosity: int
     return lines
 
 
-def to_json(events: list[TemplateEvent], settings: dict[str, Any]) -> dict[str, Any]:
+def to_json(
+    events: list[TemplateEvent],
+    settings: dict[str, Any],
+    *,
+    teardowns: Iterable[dict[str, Any]] = (),
+) -> dict[str, Any]:
     """The machine-readable report (schema documented in docs/report.md)."""
     templates = []
     for summary in summarize(events):
@@ -188,4 +223,5 @@ def to_json(events: list[TemplateEvent], settings: dict[str, Any]) -> dict[str, 
         "settings": settings,
         "templates": templates,
         "events": [e.to_dict() for e in events],
+        "teardowns": list(teardowns),  # added in schema 1: a new field, not a change
     }

@@ -64,6 +64,7 @@ from .values import json_round_trip, type_name
 
 Builder = Callable[..., Any]  # build(path), or build(path, layers) with requires=
 Configure = Callable[["Template"], object]
+Teardown = Callable[[Path, Any], object]  # teardown(path, value), see teardown.py
 
 
 class Template(os.PathLike[str]):
@@ -125,6 +126,7 @@ class TemplateFactory(Protocol):
         timeout: float | None = None,
         configure: Configure | None = None,
         requires: Sequence[Template | str] = (),
+        teardown: Teardown | None = None,
     ) -> Template: ...
 
 
@@ -138,6 +140,7 @@ class Request:
     configure: Configure | None = None
     # The layers it is built on: templates already got, or requests for registered ones.
     requires: tuple[Request | Template, ...] = ()
+    teardown: Teardown | None = None
 
     @property
     def timeout_hint(self) -> str:
@@ -169,13 +172,14 @@ def make_request(
     configure: Configure | None = None,
     requires: Sequence[Template | str] = (),
     chain: tuple[str, ...] = (),
+    teardown: Teardown | None = None,
 ) -> Request:
     """The request for a call ``prewarmed_template(name, build, key=..., timeout=...)``.
 
-    Without ``build``, the builder (and key, configure hook and layers) registered under
-    ``name`` is used. Layers named by string are registered templates, requested in turn;
-    ``chain`` is the names being resolved above this one, so a cycle is an error here,
-    before anything is built or waited for.
+    Without ``build``, the builder (and key, configure hook, layers and teardown)
+    registered under ``name`` is used. Layers named by string are registered templates,
+    requested in turn; ``chain`` is the names being resolved above this one, so a cycle is
+    an error here, before anything is built or waited for.
     """
     registered = registry.get(name) if isinstance(name, str) else None
     if build is None:
@@ -192,10 +196,16 @@ def make_request(
             configure = registered.configure
         if not requires:
             requires = registered.requires
+        if teardown is None:
+            teardown = registered.teardown
     if not callable(build):
         raise PrewarmUsageError(f"build for template {name!r} is not callable: {build!r}")
     if configure is not None and not callable(configure):
         raise PrewarmUsageError(f"configure= for template {name!r} is not callable: {configure!r}")
+    if teardown is not None:
+        from .teardown import reference  # only templates with a teardown load it
+
+        reference(teardown, str(name))  # a lambda fails here, not at the run's end
     if isinstance(requires, str | Template):
         requires = (requires,)
     layers: list[Request | Template] = []
@@ -229,9 +239,10 @@ def make_request(
     if layers:
         _check_takes_layers(name, build)
     if timeout is None:
-        return Request(name, build, key, default_timeout, default_source, configure, tuple(layers))
-    seconds = check_timeout(timeout, name=str(name))
-    return Request(name, build, key, seconds, "timeout= in the call", configure, tuple(layers))
+        seconds, source = default_timeout, default_source
+    else:
+        seconds, source = check_timeout(timeout, name=str(name)), "timeout= in the call"
+    return Request(name, build, key, seconds, source, configure, tuple(layers), teardown)
 
 
 def _check_takes_layers(name: str, build: Builder) -> None:
@@ -288,6 +299,11 @@ class TemplateStore:
         self._guards: dict[str, threading.Lock] = {}
         self._guards_lock = threading.Lock()
         self._guard_owners: dict[str, int] = {}  # tid -> thread ident holding its guard
+        # Templates with a teardown (teardown.py): the run's controller, whose end is the
+        # run's end, and how long a teardown may take. A worker is told the pid.
+        self.controller_pid = os.getpid()
+        self.teardown_timeout = 60.0
+        self._services: Any = None
         self.layout.ensure()
         # Background deletions die with their process; finish any that were cut short.
         for leftover in self.layout.trash.iterdir():
@@ -300,6 +316,16 @@ class TemplateStore:
                 path.unlink()
             except OSError:
                 continue
+
+    def services(self) -> Any:
+        """This process's ``reaper.RunServices``: made, and reaper.py loaded, on first use."""
+        if self._services is None:
+            from .reaper import RunServices  # a run that builds no service never loads it
+
+            self._services = RunServices(
+                self.layout, self.run_id, self.worker, self.controller_pid, self.teardown_timeout
+            )
+        return self._services
 
     def get(self, request: Request) -> Template:
         """The template, built here or by another process; waits up to the timeout."""
@@ -367,7 +393,7 @@ class TemplateStore:
                 if supplied is not None:
                     template: Template | None = self._supplied(request, supplied)
                 else:
-                    template = _Fetch(self, request, tid, canonical, layers).run(wait=wait)
+                    template = self._fetch(request, tid, canonical, layers, wait=wait)
             except PrewarmBuildError as exc:
                 self._results[tid] = exc  # one attempt per run, in this process too
                 raise
@@ -411,11 +437,38 @@ class TemplateStore:
             self._results[tid] = error  # once per process, like a failed build
             raise error from exc
 
+    def _fetch(
+        self,
+        request: Request,
+        tid: str,
+        canonical: str,
+        layers: dict[str, Template],
+        *,
+        wait: bool,
+    ) -> Template | None:
+        __tracebackhide__ = True  # users need the builder's frames, not ours
+        for _ in range(MAX_TORN_DOWN):
+            try:
+                return _Fetch(self, request, tid, canonical, layers).run(wait=wait)
+            except _TornDown:
+                continue  # another run's service went down as we joined: build afresh
+        raise PrewarmLockError(
+            f"template {request.name!r}: another run sharing the lock dir {self.lock_dir} tore "
+            f"its service down each of the {MAX_TORN_DOWN} times this run joined it; run again"
+        )
+
     def _guard(self, tid: str) -> threading.Lock:
         # Threads of one process (an eager background build and a test) serialise here,
         # before the cross-process lock, so a builder never runs concurrently with itself.
         with self._guards_lock:
             return self._guards.setdefault(tid, threading.Lock())
+
+
+class _TornDown(Exception):
+    """The published template's service was torn down by its last user as we joined it."""
+
+
+MAX_TORN_DOWN = 3  # each needs a concurrent run to build, publish and tear down meanwhile
 
 
 @dataclass(frozen=True)
@@ -473,6 +526,9 @@ class _Fetch:
             built_by = done.built_by
             if done.run_id != self.store.run_id:
                 built_by = f"{built_by} of run {done.run_id[:8]}"
+            joins = self.request.teardown is not None and done.run_id != self.store.run_id
+            if joins and not self.store.services().join(self.tid, done):
+                raise _TornDown
             self._event(Outcome(origin), waited, built_by=built_by)
             return self._template(done, origin)
         assert acquired is not None
@@ -589,11 +645,16 @@ class _Fetch:
         attempt = self.layout.new_build(self.tid)
         data = attempt / DATA_DIR
         data.mkdir(mode=0o700, parents=True)
+        instance, teardown = None, self.request.teardown
+        if teardown is not None:
+            instance = self.store.services().begin(self.request.name, self.tid, data, teardown)
         started = clock.monotonic()
         output = self._capture(data)
         before = _ProcessState()
         try:
-            with output:  # the build's stdout and stderr, teed to its log (see capture.py)
+            # The build's stdout and stderr, teed to its log (see capture.py); with a
+            # teardown, each service it starts is recorded as it starts.
+            with output, self.store.services().watch(instance):
                 returned = self._call_builder(data)
             value = json_round_trip(returned, self.name)
             output.discard()
@@ -632,6 +693,9 @@ class _Fetch:
             holder=hold_id(self.lock.held_by()),
             requires={n: t.identity for n, t in self.layers.items()} or None,
         )
+        if instance is not None:
+            # Before publishing: a service that runs is torn down even if publishing fails.
+            self.store.services().built(instance, data, value)
         try:
             meta = self._publish(attempt, meta, previous)
         except OSError as exc:
@@ -758,6 +822,9 @@ class _Fetch:
         """
         if self.store.rebuild:
             return None, None
+        if self.request.teardown is not None:
+            # A service's files may verify, but its server did not survive the boot.
+            return None, "a service published in another boot, whose server is not running here"
         if previous.digest is None:
             return None, "published in another boot, without a digest to verify it"
         data = self.layout.data_dir(self.tid, previous.build)

@@ -18,14 +18,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pytest_prewarm"
 # imports included); docs/architecture.md draws the same picture.
 LAYERS: list[set[str]] = [
     {"_version", "clock", "kinds", "exceptions", "console", "portable", "capture"},
-    {"names", "trust", "fstype", "values"},
+    {"names", "trust", "fstype", "values", "services"},
     {"files", "supply"},
     {"owner", "digest"},
     {"liveness", "records"},
     {"layout"},
     {"locking", "failure"},
-    {"flock", "lease"},
-    {"locks", "events", "registry"},
+    {"flock", "lease", "teardown"},
+    {"locks", "events", "registry", "reaper"},
     {"request"},
     {"eager", "report", "lockdir", "keys"},
     {"config", "marker"},  # the pytest edge

@@ -272,3 +272,21 @@ def test_a_json_report_path_that_is_a_directory_is_a_usage_error(pytester):
         f"prewarm: report file {str(pytester.path / 'reports')!r} from --prewarm-json is a "
         "directory; give a file name such as prewarm-report.json"
     )
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon"])
+def test_a_bad_teardown_timeout_is_a_usage_error(pytester, value):
+    text = usage_error_text(pytester.runpytest(f"--prewarm-teardown-timeout={value}"))
+
+    assert f"{value!r} from --prewarm-teardown-timeout is not valid" in text
+    assert "--prewarm-teardown-timeout=60" in text
+
+
+def test_the_teardown_timeout_comes_from_the_ini_file_and_defaults_to_60(pytester):
+    assert Settings.from_config(pytester.parseconfig()).teardown_timeout.value == 60.0
+    ini(pytester, prewarm_teardown_timeout="2.5")
+
+    settings = Settings.from_config(pytester.parseconfig())
+
+    assert settings.teardown_timeout.value == 2.5
+    assert settings.teardown_timeout.source.startswith("ini prewarm_teardown_timeout in ")

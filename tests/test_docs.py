@@ -273,6 +273,15 @@ _SCHEMA_SUITE = {
         @pytest.fixture(scope="session")
         def bad(prewarmed_template):
             return prewarmed_template("bad", build_bad)
+
+
+        def stop_svc(path, value):
+            pass
+
+
+        @pytest.fixture(scope="session")
+        def svc(prewarmed_template):
+            return prewarmed_template("svc", lambda path: 1, teardown=stop_svc)
     """,
     "test_schema.py": """
         def test_ok(ok):
@@ -281,6 +290,10 @@ _SCHEMA_SUITE = {
 
         def test_bad(bad):
             pass
+
+
+        def test_svc(svc):
+            assert svc.value == 1
     """,
 }
 
@@ -319,6 +332,7 @@ def test_json_report_fields_are_the_documented_ones(pytester: pytest.Pytester) -
     assert by_name["ok"]["outcome"] == "built"
     assert by_name["bad"]["outcome"] == "failed"
     assert by_name["bad"]["waits"], "the second worker should have received the failure"
+    assert [t["outcome"] for t in report["teardowns"]] == ["ok"]
     produced = _key_paths(report)
     # "[]" alone names the array itself; its elements' fields are listed as "[].field".
     documented = {path.removesuffix("[]") for path in _documented_paths()}

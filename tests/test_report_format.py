@@ -278,7 +278,13 @@ def test_summarize_sorts_events_into_builds_failures_waits_and_reuses() -> None:
 def test_the_json_report_has_schema_version_one_and_carries_the_settings() -> None:
     settings = {"lock_dir": "/tmp/x", "timeout": 30.0, "eager": True}
     data = report.to_json([], settings)
-    assert data == {"schema_version": 1, "settings": settings, "templates": [], "events": []}
+    assert data == {
+        "schema_version": 1,
+        "settings": settings,
+        "templates": [],
+        "events": [],
+        "teardowns": [],
+    }
 
 
 def test_the_json_report_lists_builds_waits_failures_and_recoveries_per_template() -> None:
