@@ -459,6 +459,8 @@ def _unpublish(layout: Layout, instance: Instance) -> None:
     except OSError:
         return
     remove_tree(target)
+    with contextlib.suppress(OSError):  # left empty; another run's build in it keeps it
+        os.rmdir(layout.template_dir(instance.tid))
 
 
 def call(func: Teardown, path: Path, value: Any, timeout: float) -> tuple[str, str | None]:
