@@ -168,8 +168,9 @@ def pytest_collection_finish(session):
     requests = [state.request_for(name) for name in names]
     offset = worker_index(state.worker) % len(requests)
     started = time.monotonic()
+    store = state.get_core().store  # the lock dir and store are made on first use
     for req in requests[offset:] + requests[:offset]:
-        state.store.build_if_free(req)
+        store.build_if_free(req)
     _append("sync_walks.jsonl", {"worker": WORKER, "start": started, "end": time.monotonic()})
 """
 

@@ -17,6 +17,7 @@ DEFAULT_TIMEOUT = 1800.0  # container image builds take minutes; a hang still en
 
 DEFAULT_NOTICE_AFTER = 10.0
 DEFAULT_REPORT = 10
+DEFAULT_KEEP_RUNS = 3  # as pytest's tmp_path_retention_count
 
 # (option suffix, ini type, help). The same help text serves the option and its ini twin.
 _OPTIONS: list[tuple[str, str, str]] = [
@@ -26,7 +27,16 @@ _OPTIONS: list[tuple[str, str, str]] = [
         "directory for template locks and published templates. Relative paths resolve "
         "against rootdir. Shared by concurrent runs, which then share builds; published "
         "templates are reused by later runs while their key matches. "
-        "Default: a fresh directory per test run, removed at the end.",
+        "Default: a fresh directory per test run in the system temp dir, made when the "
+        "first template is asked for; the last few are kept (see --prewarm-keep-runs).",
+    ),
+    (
+        "keep-runs",
+        "string",
+        f"number of ended runs whose per-run default lock dir is kept for inspection, "
+        f"the way pytest keeps the last basetemps (default {DEFAULT_KEEP_RUNS}; 0 removes "
+        "it at the end of its run). Older ones of this user are removed; a lock dir given "
+        "with --prewarm-lock-dir keeps its templates anyway.",
     ),
     (
         "timeout",
@@ -266,6 +276,7 @@ class Settings:
     lock_mode: Setting
     stale_after: Setting
     eager: bool = True
+    keep_runs: int = DEFAULT_KEEP_RUNS
 
     @property
     def heartbeat(self) -> float:
@@ -309,9 +320,10 @@ class Settings:
             eager=bool(eager.value) if eager is not None else True,
             lock_mode=_lock_mode(config),
             stale_after=_stale_after(config, timeout),
+            keep_runs=_count(config, "keep-runs", DEFAULT_KEEP_RUNS),
         )
 
-    def as_dict(self, *, lock_dir: Path, lock_mode: LockMode) -> dict[str, Any]:
+    def as_dict(self, *, lock_dir: Path, lock_mode: str) -> dict[str, Any]:
         """Effective settings for the JSON report."""
         return {
             "lock_dir": str(lock_dir),
@@ -323,4 +335,5 @@ class Settings:
             "notice_after": self.notice_after.value,
             "eager": self.eager,
             "stale_after": self.stale_after.value,
+            "keep_runs": self.keep_runs,
         }

@@ -159,13 +159,13 @@ def _own_create_time(pid: int) -> float | None:
         return None
 
 
-def own_identity() -> tuple[int, int | None, float | None]:
-    """(pid, start ticks, create time) of the calling process.
+def own_identity(pid: int | None = None) -> tuple[int, int | None, float | None]:
+    """(pid, start ticks, create time) of the calling process, or of ``pid`` on this host.
 
     Start ticks exist only where /proc does (Linux, unless the portable path is forced);
     elsewhere create_time is the start token.
     """
-    pid = os.getpid()
+    pid = os.getpid() if pid is None else pid
     if not LINUX:
         return pid, None, _own_create_time(pid)
     if not _proc_is_ours():
@@ -173,9 +173,13 @@ def own_identity() -> tuple[int, int | None, float | None]:
     return pid, (start_ticks(pid) if _by_ticks() else None), _own_create_time(pid)
 
 
-def own_record(worker: str, run_id: str) -> OwnerRecord:
-    """An owner record naming the calling process (``started_at`` left at 0)."""
-    pid, ticks, created = own_identity()
+def own_record(worker: str, run_id: str, pid: int | None = None) -> OwnerRecord:
+    """An owner record naming the calling process (``started_at`` left at 0).
+
+    ``pid`` names another process of this host and pid namespace instead: a worker that
+    creates the run's lock dir records the controller, which outlives it.
+    """
+    pid, ticks, created = own_identity(pid)
     here = local_host()
     return OwnerRecord(
         pid=pid,

@@ -10,13 +10,6 @@ from .exceptions import PrewarmUsageError
 from .names import check_name
 from .registry import REGISTRY
 
-MARKER_LINE = (
-    "prewarm(*names): the test needs these templates, registered with "
-    "@pytest_prewarm.template(name). They are ready before the test's setup (built early, "
-    "in parallel across workers) and reachable through the `prewarmed` fixture or "
-    "prewarmed_template(name)."
-)
-
 
 def prewarm(*names: str) -> tuple[str, ...]:
     # Called with the marker's own args/kwargs, so Python reports a keyword argument or a
