@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import resource
 import signal
@@ -138,12 +139,14 @@ def median(values: Iterable[float]) -> float | None:
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
-    """The ``q``-th percentile (0..100), nearest rank; None for no values."""
+    """The ``q``-th percentile (0..100) by nearest rank, an actual observation; None if empty.
+
+    With 15 values the 90th is the 14th smallest.
+    """
     ordered = sorted(values)
     if not ordered:
         return None
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))
-    return ordered[rank]
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

@@ -269,23 +269,22 @@ def run_dir_path(run_id: str) -> Path:
     return Path(tempfile.gettempdir()) / f"{RUN_DIR_PREFIX}{run_id}"
 
 
-def open_run_dir(path: Path, run_id: str, creator_pid: int, *, keep: int) -> None:
+def open_run_dir(path: Path, run_id: str, creator_pid: int) -> None:
     """Create this run's default lock dir, or join it if another process of the run did.
 
     Several workers may ask for their first template at once: ``mkdir`` decides who
     creates the dir, the tag and the run record are create-once, so every process ends
     with the same complete dir. The run record names the run's controller
     (``creator_pid``), which outlives every worker, so a later run's sweep never takes
-    the dir of a run still going. The process that created the dir sweeps dead runs'
-    dirs beyond the newest ``keep``.
+    the dir of a run still going. Older runs' dirs are swept when this run ends
+    (``retire_run_dir``), not here: the first request is on a build's critical path.
     """
     from .liveness import own_record  # psutil, and only for a run that uses a template
 
     try:
         os.mkdir(path, 0o700)
-        created = True
     except FileExistsError:
-        created = False
+        pass  # another process of this run was first; check_dir proves it is ours
     except OSError as exc:
         full = _full_disk_words(exc)
         raise LockDirError(
@@ -303,8 +302,6 @@ def open_run_dir(path: Path, run_id: str, creator_pid: int, *, keep: int) -> Non
             f"cannot write in the per-run lock dir {path}: {exc.strerror}{full}; free space "
             "there, set TMPDIR, or pass --prewarm-lock-dir"
         ) from exc
-    if created:
-        sweep_orphans(path.parent, keep=keep)
 
 
 def retire_run_dir(path: Path, *, keep: int) -> None:

@@ -196,16 +196,14 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     events = _run_events(state)
     if not events and state.settings.json_path is None:
         return
-    from .report import format_summary, to_json
+    from .report import dumps, format_summary, to_json
 
     mode, why = state.mode_in_use()
     if state.settings.json_path is not None:
-        import json
-
         data = to_json(events, state.settings.as_dict(lock_dir=state.lock_dir, lock_mode=mode))
         path: Path = state.settings.json_path
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        path.write_text(dumps(data), encoding="utf-8")
     lines = format_summary(events, top=state.settings.report_top, verbosity=config.get_verbosity())
     if not lines:
         return

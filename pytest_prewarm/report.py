@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,3 +174,22 @@ def to_json(events: list[TemplateEvent], settings: dict[str, Any]) -> dict[str, 
         "templates": templates,
         "events": [e.to_dict() for e in events],
     }
+
+
+def dumps(data: dict[str, Any]) -> str:
+    """The JSON report's text: indented, but one line per event.
+
+    ``json.dumps(indent=...)`` runs the pure-Python encoder, about 40 ms per 1,000 events
+    on a slow machine; each event on a line of its own goes through the C encoder, so a run
+    with 10,000 waits still writes its report in tens of milliseconds, and a person can
+    still read (and grep) it.
+    """
+    parts = []
+    for key, value in data.items():
+        if key == "events" and value:
+            rows = ",\n".join("    " + json.dumps(event) for event in value)
+            text = f"[\n{rows}\n  ]"
+        else:
+            text = json.dumps(value, indent=2).replace("\n", "\n  ")
+        parts.append(f"  {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"

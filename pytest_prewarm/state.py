@@ -158,7 +158,7 @@ def _open(state: State) -> Core:
     settings = state.settings
     path = state.lock_dir
     if state.default_dir:
-        open_run_dir(path, state.run_id, state.controller_pid, keep=settings.keep_runs)
+        open_run_dir(path, state.run_id, state.controller_pid)
     else:
         prepare(path, settings.lock_dir.source)
     # Every process chooses by the same rule and checks it against the pin, which is

@@ -190,7 +190,7 @@ def test_processes_that_open_one_run_dir_together_all_get_it_whole(tmp_path):
         go = Path(sys.argv[1])
         while not go.exists():
             pass
-        open_run_dir(Path({str(path)!r}), "race", {os.getpid()}, keep=3)
+        open_run_dir(Path({str(path)!r}), "race", {os.getpid()})
         assert (Path({str(path)!r}) / TAG_FILE).is_file()
         assert (Path({str(path)!r}) / RUN_RECORD).is_file()
         print("ok")
@@ -217,7 +217,7 @@ def test_a_run_dir_name_taken_by_a_symlink_is_refused(tmp_path):
     path.symlink_to(target)
 
     with pytest.raises(LockDirError, match="is a symbolic link"):
-        open_run_dir(path, "taken", os.getpid(), keep=3)
+        open_run_dir(path, "taken", os.getpid())
     assert list(target.iterdir()) == []
 
 
@@ -259,7 +259,7 @@ def test_the_last_three_runs_default_lock_dirs_are_kept_and_older_ones_removed(l
     untagged = temp_root / f"{RUN_DIR_PREFIX}not-ours"
     untagged.mkdir()
     alive = temp_root / f"{RUN_DIR_PREFIX}alive"
-    open_run_dir(alive, "alive", os.getpid(), keep=3)
+    open_run_dir(alive, "alive", os.getpid())
 
     templates = []
     for _ in range(4):
@@ -308,7 +308,7 @@ def test_the_sweep_keeps_the_newest_ended_runs(tmp_path):
         # A pid that cannot be alive: a real process that has exited and been reaped.
         child = subprocess.Popen([sys.executable, "-c", "pass"])
         child.wait()
-        open_run_dir(path, str(index), os.getpid(), keep=99)
+        open_run_dir(path, str(index), os.getpid())
         os.utime(path / RUN_RECORD, (1000 + index, 1000 + index))
         dead.append(path)
         _rewrite_pid(path / RUN_RECORD, child.pid)
@@ -326,3 +326,37 @@ def _rewrite_pid(record: Path, pid: int) -> None:
     data["pid"] = pid
     record.write_text(json.dumps(data))
     os.utime(record, (stamp, stamp))
+
+
+# -- a run with many waits writes its report quickly --------------------------------------
+
+
+def test_the_json_report_is_indented_with_one_line_per_event():
+    from pytest_prewarm.events import TemplateEvent
+    from pytest_prewarm.report import dumps, to_json
+
+    events = [
+        TemplateEvent("db", f"gw{i}", "waited", wait_seconds=0.5, built_by="gw0", pid=i)
+        for i in range(3)
+    ]
+    data = to_json(events, {"lock_dir": "/x"})
+
+    text = dumps(data)
+
+    assert json.loads(text) == data
+    event_lines = [line for line in text.splitlines() if line.startswith('    {"template"')]
+    assert len(event_lines) == 3
+    assert '  "settings": {\n    "lock_dir": "/x"\n  },' in text
+    assert json.loads(dumps({"events": []})) == {"events": []}
+
+
+def test_an_event_round_trips_through_its_dict():
+    from pytest_prewarm.events import TemplateEvent
+
+    event = TemplateEvent("db", "gw1", "built", build_seconds=1.5, recovered_from="gw0")
+
+    data = event.to_dict()
+
+    assert TemplateEvent.from_dict(data) == event
+    assert data["outcome"] == "built"
+    assert type(data["outcome"]) is str
