@@ -237,6 +237,28 @@ def choose_lock_mode(path: Path, requested: LockMode | str) -> tuple[LockMode, s
     return LockMode.FLOCK, f"auto: {fstype or 'local'} filesystem supports flock"
 
 
+def settle_mode(path: Path, requested: LockMode | str) -> tuple[LockMode, str]:
+    """(mode, why) for this process in the lock dir ``path``, pinned there by the first one.
+
+    Without a pin, the mode is chosen (``choose_lock_mode``) and pinned; a process that
+    races to pin the other mode fails in ``pin_mode``. With a pin, ``auto`` takes the
+    pinned mode without probing again (every process of a run but the first), unless the
+    pin says flock on a filesystem where flock cannot be trusted: then ``pin_mode``
+    refuses, as it refuses a requested mode other than the pin.
+    """
+    requested = LockMode(requested)
+    pinned = read_pin(path)
+    if pinned is not None and requested is LockMode.AUTO:
+        fstype = filesystem_type(path)
+        if not (pinned is LockMode.FLOCK and flock_untrusted(fstype)):
+            return pinned, f"auto: {pinned}, pinned in the lock dir by the first process to use it"
+        mode, why = LockMode.LEASE, f"auto: {fstype} filesystem, where flock cannot be trusted"
+    else:
+        mode, why = choose_lock_mode(path, requested)
+    pin_mode(path, mode, why)
+    return mode, why
+
+
 def pin_mode(path: Path, mode: LockMode, why: str) -> None:
     """Record the lock dir's mode; refuse a run that would use the other one.
 
@@ -246,7 +268,7 @@ def pin_mode(path: Path, mode: LockMode, why: str) -> None:
     concurrent run reads no mode or the whole mode, never an empty file.
     """
     marker = Layout(path).mode_file
-    if _link_new(marker, mode + "\n"):
+    if not os.path.lexists(marker) and _link_new(marker, mode + "\n"):
         return
     raw = read_bounded(marker)
     if raw is None:
@@ -294,8 +316,12 @@ def open_run_dir(path: Path, run_id: str, creator_pid: int) -> None:
     check_dir(path)  # a name taken by someone else (a symlink, another user's dir) fails
     layout = Layout(path)
     try:
-        _link_new(layout.tag_file, TAG_TEXT)
-        _link_new(layout.run_record, own_record("main", run_id, creator_pid).to_json())
+        # Looked for first: most processes of a run find both made (nobody else can
+        # write in this owner-only dir), and only the first pays for the temp files.
+        if not os.path.lexists(layout.tag_file):
+            _link_new(layout.tag_file, TAG_TEXT)
+        if not os.path.lexists(layout.run_record):
+            _link_new(layout.run_record, own_record("main", run_id, creator_pid).to_json())
     except OSError as exc:
         full = _full_disk_words(exc)
         raise LockDirError(

@@ -33,6 +33,7 @@ WORKERINPUT_CONTROLLER_PID = "prewarm_controller_pid"
 WORKEROUTPUT_EVENTS = "prewarm_events"
 WORKEROUTPUT_LOCK_MODE = "prewarm_lock_mode"
 
+PINNED = "pinned in the lock dir"  # in the reason of a mode found pinned (lockdir.settle_mode)
 MARKER = "prewarm"
 MARKER_LINE = (
     "prewarm(*names): the test needs these templates, registered with "
@@ -260,7 +261,9 @@ class XdistHooks:
             return  # crashed: its events are read from the lock dir at summary time
         state.reported.append((str(node.workerinput["workerid"]), received))
         mode = output.get(WORKEROUTPUT_LOCK_MODE)
-        if mode is not None and state.reported_mode is None:
+        # The report names why the mode was chosen: the worker that chose it says so, the
+        # others only found it pinned.
+        if mode is not None and (state.reported_mode is None or PINNED in state.reported_mode[1]):
             state.reported_mode = (str(mode[0]), str(mode[1]))
 
 

@@ -134,7 +134,7 @@ class State:
 
         pinned = read_pin(self.lock_dir)
         if pinned is not None:
-            return str(pinned), "pinned in the lock dir"
+            return str(pinned), "pinned in the lock dir by the first process to use it"
         return str(self.settings.lock_mode.value), "not chosen: no template was used"
 
 
@@ -152,7 +152,7 @@ def _make_core(state: State) -> Core:
 
 def _open(state: State) -> Core:
     from .events import EventLog
-    from .lockdir import choose_lock_mode, open_run_dir, pin_mode, prepare
+    from .lockdir import open_run_dir, prepare, settle_mode
     from .request import TemplateStore
 
     settings = state.settings
@@ -161,11 +161,9 @@ def _open(state: State) -> Core:
         open_run_dir(path, state.run_id, state.controller_pid)
     else:
         prepare(path, settings.lock_dir.source)
-    # Every process chooses by the same rule and checks it against the pin, which is
-    # create-once: the first to pin decides, and a process that would choose otherwise
-    # fails instead of using locks the others do not see.
-    mode, why = choose_lock_mode(path, settings.lock_mode.value)
-    pin_mode(path, mode, why)
+    # The pin is create-once: the first process to use the dir decides, and one that
+    # would choose otherwise fails instead of using locks the others do not see.
+    mode, why = settle_mode(path, settings.lock_mode.value)
     store = TemplateStore(
         path,
         run_id=state.run_id,

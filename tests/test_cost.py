@@ -360,3 +360,50 @@ def test_an_event_round_trips_through_its_dict():
     assert TemplateEvent.from_dict(data) == event
     assert data["outcome"] == "built"
     assert type(data["outcome"]) is str
+
+
+# -- the mode pin settles every process on one mode ---------------------------------------
+
+
+def test_auto_takes_the_pinned_mode_without_probing_and_a_request_must_match(tmp_path):
+    from pytest_prewarm.kinds import LockMode
+    from pytest_prewarm.lockdir import pin_mode, prepare, settle_mode
+
+    lock_dir = prepare(tmp_path / "locks", "test")
+    pin_mode(lock_dir, LockMode.LEASE, "requested")
+
+    mode, why = settle_mode(lock_dir, "auto")
+
+    assert mode is LockMode.LEASE
+    assert "pinned in the lock dir" in why
+    assert settle_mode(lock_dir, "lease") == (LockMode.LEASE, "requested")
+    with pytest.raises(LockDirError, match="is used in lease mode, but this run would use flock"):
+        settle_mode(lock_dir, "flock")
+    assert not list(lock_dir.glob(".prewarm-flock-probe-*"))
+
+
+def test_processes_settling_a_fresh_lock_dir_together_agree(tmp_path):
+    lock_dir = tmp_path / "locks"
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        from pytest_prewarm.lockdir import prepare, settle_mode
+        go = Path(sys.argv[1])
+        while not go.exists():
+            pass
+        path = prepare(Path({str(lock_dir)!r}), "test")
+        print(settle_mode(path, "auto")[0])
+        """
+    )
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(go)], stdout=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
+    go.write_text("")
+    outs = [proc.communicate(timeout=60)[0] for proc in procs]
+
+    assert [proc.returncode for proc in procs] == [0] * 6
+    assert set(outs) == {"flock\n"}
+    assert read_pin(lock_dir) == "flock"
