@@ -445,11 +445,12 @@ def print_report(data: dict[str, Any]) -> None:
         print("\ntests with prewarm markers, collection phase (CPU s; wall in brackets):")
         print("   tests  plugin s          no:prewarm s      ratio")
         for r in data["markers"]:
-            plugin = f"{f(r['collect_cpu_s'], '6.3f')} ({f(r['collect_wall_s'], '.3f')})"
-            base = f"{f(r['no_plugin_collect_cpu_s'], '6.3f')} ({f(r['no_plugin_collect_wall_s'], '.3f')})"
-            print(
-                f"  {r['tests']:>6}  {plugin}   {base}   {f(r['ratio'], '5.3f')}  {r['problems'] or ''}"
-            )
+            cpu, wall = r["collect_cpu_s"], r["collect_wall_s"]
+            plugin = f"{f(cpu, '6.3f')} ({f(wall, '.3f')})"
+            cpu, wall = r["no_plugin_collect_cpu_s"], r["no_plugin_collect_wall_s"]
+            base = f"{f(cpu, '6.3f')} ({f(wall, '.3f')})"
+            ratio = f(r["ratio"], "5.3f")
+            print(f"  {r['tests']:>6}  {plugin}   {base}   {ratio}  {r['problems'] or ''}")
     if "lockdir" in data:
         print("\npersistent lock dir with N published templates:")
         print("       N  get one ms (median, max)  first request's preparation ms")
