@@ -407,3 +407,46 @@ def test_processes_settling_a_fresh_lock_dir_together_agree(tmp_path):
     assert [proc.returncode for proc in procs] == [0] * 6
     assert set(outs) == {"flock\n"}
     assert read_pin(lock_dir) == "flock"
+
+
+MARKED = """
+    import pytest
+    import pytest_prewarm
+
+
+    @pytest_prewarm.template("db")
+    def build(path):
+        (path / "data.txt").write_text("built")
+
+
+    @pytest.mark.prewarm("db")
+    def test_marked(prewarmed):
+        assert (prewarmed["db"].path / "data.txt").read_text() == "built"
+"""
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_mode_that_disagrees_with_the_pin_fails_the_tests_that_need_a_template(layout, workers):
+    from pytest_prewarm.kinds import LockMode
+    from pytest_prewarm.lockdir import pin_mode, prepare
+
+    suite_dir, temp_root = layout
+    write(suite_dir, MARKED)
+    (suite_dir / "conftest.py").write_text("")
+    lock_dir = prepare(suite_dir / "locks", "test")
+    pin_mode(lock_dir, LockMode.LEASE, "requested")
+
+    result = run_inner(
+        suite_dir,
+        temp_root,
+        "-n",
+        workers,
+        f"--prewarm-lock-dir={lock_dir}",
+        "--prewarm-lock-mode=flock",
+    )
+
+    # Found at the first request (the eager build's), reported by the test that needs it.
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "is used in lease mode, but this run would use flock mode" in result.stdout
+    assert "1 error" in result.stdout
+    assert not (lock_dir / "templates").exists()
