@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from .clock import MAX_SECONDS
-from .kinds import LockMode
 
 DEFAULT_TIMEOUT = 1800.0  # container image builds take minutes; a hang still ends
 
@@ -175,7 +174,9 @@ def _count(config: pytest.Config, suffix: str, default: int) -> int:
     return value
 
 
-LOCK_MODES = tuple(mode.value for mode in LockMode)
+# kinds.LockMode's values, spelt out: the enum module is not worth loading at start-up in
+# every run (a test checks the two agree). Settings carry the mode as a plain string.
+LOCK_MODES = ("auto", "flock", "lease")
 
 
 def heartbeat_for(stale_after: float) -> float:
@@ -189,14 +190,14 @@ MIN_HEARTBEATS = 3  # a stale window shorter than this many heartbeats misjudges
 def _lock_mode(config: pytest.Config) -> Setting:
     raw = _raw(config, "lock-mode")
     if raw is None:
-        return Setting(LockMode.AUTO, "default")
+        return Setting("auto", "default")
     value = str(raw.value).strip().lower()
     if value not in LOCK_MODES:
         raise pytest.UsageError(
             f"prewarm: lock mode {raw.value!r} from {raw.source} is not one of "
             f"{', '.join(LOCK_MODES)}; for example --prewarm-lock-mode=auto"
         )
-    return Setting(LockMode(value), raw.source)
+    return Setting(value, raw.source)
 
 
 def _stale_after(config: pytest.Config, timeout: Setting) -> Setting:

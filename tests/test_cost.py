@@ -450,3 +450,10 @@ def test_a_mode_that_disagrees_with_the_pin_fails_the_tests_that_need_a_template
     assert "is used in lease mode, but this run would use flock mode" in result.stdout
     assert "1 error" in result.stdout
     assert not (lock_dir / "templates").exists()
+
+
+def test_the_lock_modes_the_options_accept_are_the_lock_modes():
+    from pytest_prewarm.config import LOCK_MODES
+    from pytest_prewarm.kinds import LockMode
+
+    assert tuple(mode.value for mode in LockMode) == LOCK_MODES
