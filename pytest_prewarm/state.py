@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,15 +24,17 @@ if TYPE_CHECKING:
     from .request import Builder, Request, TemplateStore
 
 
-@dataclass
 class Core:
     """What a process holds once it has used a template."""
 
-    store: TemplateStore
-    log: EventLog
-    lock_mode: LockMode
-    lock_mode_why: str
-    eager_builds: EagerBuilds | None = None
+    def __init__(
+        self, store: TemplateStore, log: EventLog, lock_mode: LockMode, lock_mode_why: str
+    ) -> None:
+        self.store = store
+        self.log = log
+        self.lock_mode = lock_mode
+        self.lock_mode_why = lock_mode_why
+        self.eager_builds: EagerBuilds | None = None
 
 
 class State:
