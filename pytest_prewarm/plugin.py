@@ -283,6 +283,9 @@ def prewarmed_template(request: pytest.FixtureRequest) -> TemplateFactory:
     Annotate it as :class:`pytest_prewarm.TemplateFactory`.
     """
     state = request.config.stash[STATE_KEY]
+    # Asking for the factory is asking for templates: the lock dir and the core are made
+    # now, in the fixture's setup, so that the first call goes straight to the lock.
+    state.get_core()
 
     def get(
         name: str,

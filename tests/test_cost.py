@@ -33,8 +33,8 @@ UNUSED = """
         pass
 
 
-    def test_two(prewarmed_template):  # asks for the fixture, never calls it
-        assert callable(prewarmed_template)
+    def test_two(tmp_path_factory):
+        assert tmp_path_factory is not None
 """
 
 USES = """
@@ -111,6 +111,8 @@ def test_importing_the_plugin_loads_no_core_module() -> None:
 
 
 def test_a_run_without_templates_creates_nothing_and_prints_no_header(layout):
+    # (A test that takes the prewarmed_template fixture asks for templates: its setup
+    # makes the lock dir, so that the first call goes straight to the lock.)
     suite_dir, temp_root = layout
     write(suite_dir, UNUSED)
 
