@@ -459,3 +459,39 @@ def test_the_lock_modes_the_options_accept_are_the_lock_modes():
     from pytest_prewarm.kinds import LockMode
 
     assert tuple(mode.value for mode in LockMode) == LOCK_MODES
+
+
+def test_a_run_dir_that_cannot_be_made_is_a_lock_dir_error(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+
+    with pytest.raises(LockDirError, match="cannot create a per-run lock dir in"):
+        open_run_dir(a_file / f"{RUN_DIR_PREFIX}x", "x", os.getpid())
+
+
+def test_the_report_names_the_pinned_mode_or_the_requested_one(tmp_path):
+    from pytest_prewarm.config import Setting, Settings
+    from pytest_prewarm.kinds import LockMode
+    from pytest_prewarm.lockdir import pin_mode, prepare
+    from pytest_prewarm.state import State
+
+    lock_dir = tmp_path / "locks"
+    settings = Settings(
+        lock_dir=Setting(lock_dir, "--prewarm-lock-dir"),
+        timeout=Setting(30.0, "default"),
+        rebuild=False,
+        notice_after=Setting(10.0, "default"),
+        report_top=10,
+        json_path=None,
+        lock_mode=Setting("auto", "default"),
+        stale_after=Setting(15.0, "default"),
+    )
+    state = State(settings, run_id="r", worker="main", controller_pid=os.getpid())
+
+    assert state.mode_in_use() == ("auto", "not chosen: no template was used")
+    assert not lock_dir.exists()  # asking cost nothing
+    pin_mode(prepare(lock_dir, "test"), LockMode.LEASE, "requested")
+    assert state.mode_in_use()[0] == "lease"
+    assert "pinned in the lock dir" in state.mode_in_use()[1]
+    state.reported_mode = ("flock", "auto: ext4 filesystem supports flock")
+    assert state.mode_in_use() == ("flock", "auto: ext4 filesystem supports flock")
