@@ -380,7 +380,7 @@ def bench_lockdir(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
 def bench_waits(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     from pytest_prewarm.events import EventLog, TemplateEvent
     from pytest_prewarm.layout import Layout
-    from pytest_prewarm.report import dumps, format_summary, to_json
+    from pytest_prewarm.report import dumps, format_summary, summarize, to_json
 
     rows = []
     for count in [int(x) for x in args.waits.split(",")]:
@@ -403,8 +403,9 @@ def bench_waits(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             for worker, dicts in per_worker.items():
                 log.add_reported(worker, dicts)
             events = log.merged()
-            lines = format_summary(events, top=10)
-            data = to_json(events, {"lock_dir": "x"})
+            summaries = summarize(events)  # as the plugin does: once for both
+            lines = format_summary(events, top=10, summaries=summaries)
+            data = to_json(events, {"lock_dir": "x"}, summaries)
             (work / f"report-{count}-{round_no}.json").write_text(dumps(data))
             seconds.append(time.perf_counter() - start)
             assert len(data["events"]) == count

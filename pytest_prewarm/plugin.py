@@ -198,15 +198,22 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     events = _run_events(state)
     if not events and state.settings.json_path is None:
         return
-    from .report import dumps, format_summary, to_json
+    from .report import dumps, format_summary, summarize, to_json
 
     mode, why = state.mode_in_use()
+    summaries = summarize(events)  # once for both: a run may have 10,000 waits
     if state.settings.json_path is not None:
-        data = to_json(events, state.settings.as_dict(lock_dir=state.lock_dir, lock_mode=mode))
+        settings = state.settings.as_dict(lock_dir=state.lock_dir, lock_mode=mode)
+        data = to_json(events, settings, summaries)
         path: Path = state.settings.json_path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(dumps(data), encoding="utf-8")
-    lines = format_summary(events, top=state.settings.report_top, verbosity=config.get_verbosity())
+    lines = format_summary(
+        events,
+        top=state.settings.report_top,
+        verbosity=config.get_verbosity(),
+        summaries=summaries,
+    )
     if not lines:
         return
     terminalreporter.write_sep("=", "prewarm summary")

@@ -4,7 +4,8 @@ Start-up costs nothing the run may not need: it settles the run id and where the
 dir will be, and nothing touches the filesystem. The lock dir, its mode pin and flock
 probe, the template store and the event log are made when this process first asks for
 templates (the ``prewarmed_template`` fixture's setup, or a marker found by collection),
-and never in a run that asks for none. Every import of the request machinery happens here, on that first use.
+and never in a run that asks for none. Every import of the request machinery happens here,
+on that first use.
 """
 
 from __future__ import annotations

@@ -333,7 +333,7 @@ def _rewrite_pid(record: Path, pid: int) -> None:
 # -- a run with many waits writes its report quickly --------------------------------------
 
 
-def test_the_json_report_is_indented_with_one_line_per_event():
+def test_the_json_report_is_indented_with_its_lists_of_records_on_one_line():
     from pytest_prewarm.events import TemplateEvent
     from pytest_prewarm.report import dumps, to_json
 
@@ -346,10 +346,12 @@ def test_the_json_report_is_indented_with_one_line_per_event():
     text = dumps(data)
 
     assert json.loads(text) == data
-    event_lines = [line for line in text.splitlines() if line.startswith('    {"template"')]
-    assert len(event_lines) == 3
     assert '  "settings": {\n    "lock_dir": "/x"\n  },' in text
-    assert json.loads(dumps({"events": []})) == {"events": []}
+    (events_line,) = [line for line in text.splitlines() if line.startswith('  "events": [')]
+    assert json.loads(events_line.split(": ", 1)[1]) == data["events"]
+    assert '      "name": "db",' in text  # a template (it holds lists) is indented
+    for value in ({"events": []}, {"a": [[1], [2]]}, {"a": {}}):
+        assert json.loads(dumps(value)) == value
 
 
 def test_an_event_round_trips_through_its_dict():
