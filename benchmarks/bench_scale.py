@@ -115,6 +115,30 @@ def template(prewarmed_template):
     got = prewarmed_template("db", build)
     stamp("got")
     return got
+
+
+# The wake profile: where the time from "build returns" to "waiter has it" goes. The
+# builder stamps after publishing and after releasing the lock; a waiter stamps when its
+# wait for the lock's holder returns (the last return before it got the template).
+import pytest_prewarm.flock
+import pytest_prewarm.request
+
+
+def _after(cls, name, kind):
+    original = getattr(cls, name)
+
+    def wrapped(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        finally:
+            stamp(kind)
+
+    setattr(cls, name, wrapped)
+
+
+_after(pytest_prewarm.request._Fetch, "_publish", "published")
+_after(pytest_prewarm.request._Fetch, "_build", "released")
+_after(pytest_prewarm.flock.FlockLock, "wait_for_change", "woke")
 """
 )
 
@@ -256,9 +280,14 @@ def bench_workers(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         if lat:
             results[n]["p50"].append(harness.median(lat) or 0.0)
             results[n]["max"].append(max(lat))
+            profile = _wake_profile(stamps, returned[0], builder, got)
+            for step, value in profile.items():
+                results[n].setdefault(step, []).append(value)
+    steps = ("to_published", "to_released", "to_woken_p50", "woken_to_got_p50")
     return [
         {
             "n": n,
+            "profile_ms": {step: _ms(harness.median(r.get(step, []))) for step in steps},
             "builds": harness.median(r["builds"]),
             "wake_p50_ms": _ms(harness.median(r["p50"])),
             "wake_max_ms": _ms(harness.median(r["max"])),
@@ -267,6 +296,27 @@ def bench_workers(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         }
         for n, r in results.items()
     ]
+
+
+def _wake_profile(
+    stamps: list[dict[str, Any]], returned: float, builder: set[str], got: dict[str, float]
+) -> dict[str, float]:
+    """Seconds from the build's return: to publication, to the lock's release, to each
+    waiter's wake (median), and from wake to having the template (median)."""
+    after = [s for s in stamps if s["t"] >= returned]
+    first = {}
+    for kind in ("published", "released"):
+        times = [s["t"] for s in after if s["kind"] == kind and s["worker"] in builder]
+        if times:
+            first[f"to_{kind}"] = min(times) - returned
+    woke = {}
+    for s in after:
+        if s["kind"] == "woke" and s["worker"] not in builder and s["t"] <= got.get(s["worker"], 0):
+            woke[s["worker"]] = s["t"]  # the last wake before it got the template
+    if woke:
+        first["to_woken_p50"] = harness.median(t - returned for t in woke.values()) or 0.0
+        first["woken_to_got_p50"] = harness.median(got[w] - t for w, t in woke.items()) or 0.0
+    return first
 
 
 # -- markers -----------------------------------------------------------------------------
@@ -441,6 +491,14 @@ def print_report(data: dict[str, Any]) -> None:
             print(
                 f"  {r['n']:>5}  {f(r['builds'], '6.0f')}  {f(r['wake_p50_ms'], '11.2f')}"
                 f"  {f(r['wake_max_ms'], '11.2f')}  {f(r['wall_s'], '6.2f')}  {r['problems'] or ''}"
+            )
+        print("  where the wake goes, ms after the build returned (medians):")
+        print("      N  published  released  waiter woke  woke -> has it")
+        for r in data["workers"]:
+            p = r["profile_ms"]
+            print(
+                f"  {r['n']:>5}  {f(p['to_published'], '9.2f')}  {f(p['to_released'], '8.2f')}"
+                f"  {f(p['to_woken_p50'], '11.2f')}  {f(p['woken_to_got_p50'], '14.2f')}"
             )
     if "markers" in data:
         print("\ntests with prewarm markers, collection phase (CPU s; wall in brackets):")
