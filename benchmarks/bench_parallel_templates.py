@@ -29,14 +29,10 @@ pytest-prewarm.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import resource
 import shutil
-import signal
-import statistics
 import string
 import subprocess
 import sys
@@ -48,8 +44,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import harness
+from harness import RESULTS_DIR, fmt, kill_group, median, read_jsonl
+
 HERE = Path(__file__).resolve().parent
-RESULTS_DIR = HERE / "results"
 
 # --------------------------------------------------------------------------------------------
 # Generated suites. Every conftest starts with COMMON_CONFTEST (the build function and the
@@ -168,8 +166,9 @@ def pytest_collection_finish(session):
     requests = [state.request_for(name) for name in names]
     offset = worker_index(state.worker) % len(requests)
     started = time.monotonic()
+    store = state.get_core().store  # the lock dir and store are made on first use
     for req in requests[offset:] + requests[:offset]:
-        state.store.build_if_free(req)
+        store.build_if_free(req)
     _append("sync_walks.jsonl", {"worker": WORKER, "start": started, "end": time.monotonic()})
 """
 
@@ -400,25 +399,6 @@ class RunResult:
     note: str = ""
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
-    # pytest was started in its own session: SIGKILL the whole group so that no xdist worker
-    # survives a timed-out run and keeps loading the machine during the next one.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 def analyse(out: Path, variant: Variant, names: list[str], start: float) -> dict[str, Any]:
     """Figures of one run from its build log and per-test log (all CLOCK_MONOTONIC)."""
     attempts = Counter(str(rec["name"]) for rec in read_jsonl(out / "build_attempts.jsonl"))
@@ -479,20 +459,13 @@ def run_once(
     basetemp = work / "basetemp" / tag
     basetemp.parent.mkdir(parents=True, exist_ok=True)  # pytest creates only the last level
 
-    # PYTEST_ADDOPTS, PYTEST_PLUGINS, an outer PYTEST_XDIST_WORKER... would change the run.
-    # PYTHONDONTWRITEBYTECODE goes too, so an editable install is not recompiled in every
-    # process of every run; bytecode goes to a private prefix, filled by the warm-up round.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("PYTEST_") and k != "PYTHONDONTWRITEBYTECODE"
-    }
-    env.update(
+    # The environment a user's shell gives (harness.pytest_env); warm-up fills the cache.
+    env = harness.pytest_env(
+        work,
         BENCH_OUT=str(out),
         BENCH_BUILD_SECONDS=str(args.build_seconds),
         BENCH_TEST_SECONDS=str(args.test_seconds),
         BENCH_NAMES=",".join(names),
-        PYTHONPYCACHEPREFIX=str(work / "pycache"),
     )
     cmd = [python, "-m", "pytest", "-n", str(args.workers), "-p", "no:cacheprovider", "-q"]
     if not variant.plugin:
@@ -507,7 +480,7 @@ def run_once(
     # CPU time of pytest and its workers: RUSAGE_CHILDREN covers every reaped descendant.
     # It hardly moves with other processes' load, unlike wall time, so it shows whether a
     # slow run was slow because of the machine or because of the tool.
-    cpu_before = _children_cpu()
+    cpu_before = harness.children_cpu()
     start = time.monotonic()
     with log.open("wb") as log_fh:
         proc = subprocess.Popen(
@@ -525,7 +498,7 @@ def run_once(
             timed_out = True
             kill_group(proc)
     wall = time.monotonic() - start
-    cpu = _children_cpu() - cpu_before
+    cpu = harness.children_cpu() - cpu_before
     rc = None if timed_out else proc.returncode
 
     fig = analyse(out, variant, names, start)
@@ -612,10 +585,6 @@ def check_interpreter(python: str) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 @dataclass
 class Summary:
     runs: int
@@ -687,10 +656,6 @@ def summarize(results: list[RunResult], variant: Variant, own_per_worker: float)
         first_test_s=median([r.first_test_s for r in good if r.first_test_s is not None]),
         background_builds=sum(1 for r in mine for b in r.builds if b["thread"] == "prewarm-eager"),
     )
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_table(
@@ -827,6 +792,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--output", type=Path, help="JSON file for raw results")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (suites, logs)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     args = p.parse_args(argv)
     chosen = {x.strip() for x in args.only.split(",") if x.strip()}
     unknown = sorted(chosen - set(VARIANTS))
@@ -900,7 +866,9 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [asdict(r) for r in results],
     }
     output.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nraw results: {output}")
+    print(f"\nraw results: {output}", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        harness.emit_json({k: v for k, v in payload.items() if k != "runs"})
     return 1 if any(s.bad_runs for s in summaries.values()) else 0
 
 

@@ -20,13 +20,10 @@ the packages of the variants to run. See benchmarks/README.md for how to read th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,10 +32,11 @@ import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+
+import harness
+from harness import RESULTS_DIR, fmt, kill_group, median, read_jsonl
 
 HERE = Path(__file__).resolve().parent
-RESULTS_DIR = HERE / "results"
 
 VARIANTS: tuple[str, ...] = ("plugin", "recipe", "sss")
 SCENARIOS: tuple[str, ...] = ("ok", "fail")
@@ -254,12 +252,6 @@ def write_suite(root: Path, variant: str, n_tests: int) -> Path:
     return suite
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def wake_latencies(out: Path) -> tuple[str | None, list[float]]:
     """Return (builder worker, latency of each waiter) for one run.
 
@@ -310,19 +302,6 @@ def phases(out: Path, start: float, end: float) -> dict[str, float]:
     return result
 
 
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
-    # pytest was started in its own session: SIGKILL the whole group so that no xdist worker
-    # survives a timed-out run and keeps loading the machine during the next one.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 def run_once(
     *,
     python: str,
@@ -343,22 +322,13 @@ def run_once(
     basetemp = work / "basetemp" / tag
     basetemp.parent.mkdir(parents=True, exist_ok=True)  # pytest creates only the last level
 
-    # PYTEST_ADDOPTS, PYTEST_PLUGINS, an outer PYTEST_XDIST_WORKER... would change the run.
-    # PYTHONDONTWRITEBYTECODE goes too: with it, a package that has no .pyc yet (an editable
-    # install, such as the plugin's checkout) is compiled from source in each of the nine
-    # processes of every run -- about 0.1 s CPU per process for pytest-prewarm, a cost no
-    # real user pays. Bytecode goes to a private prefix instead (nothing is written into
-    # site-packages or the checkout); the warm-up round fills it for every variant alike.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("PYTEST_") and k != "PYTHONDONTWRITEBYTECODE"
-    }
-    env.update(
+    # The environment a user's shell gives (harness.pytest_env says what it drops and why);
+    # the warm-up round fills the private bytecode cache for every variant alike.
+    env = harness.pytest_env(
+        work,
         BENCH_OUT=str(out),
         BENCH_BUILD_SECONDS=str(build_seconds),
         BENCH_FAIL="1" if scenario == "fail" else "0",
-        PYTHONPYCACHEPREFIX=str(work / "pycache"),
     )
     cmd = [python, "-m", "pytest", "-n", str(workers), "-p", "no:cacheprovider", "-q"]
     for other, entry_point in ENTRY_POINTS.items():
@@ -372,7 +342,7 @@ def run_once(
     # CPU time (user + sys) of pytest and its workers: RUSAGE_CHILDREN covers every reaped
     # descendant, and pytest reaps its workers. Unlike wall time it hardly moves with the load
     # that other processes put on the machine, so it shows a tool's own overhead.
-    cpu_before = _children_cpu()
+    cpu_before = harness.children_cpu()
     start = time.monotonic()
     with log.open("wb") as log_fh:
         proc = subprocess.Popen(
@@ -396,7 +366,7 @@ def run_once(
             raise
     end = time.monotonic()
     wall = end - start
-    cpu = _children_cpu() - cpu_before
+    cpu = harness.children_cpu() - cpu_before
 
     builds = len(read_jsonl(out / "builds.jsonl"))
     builder, lat = wake_latencies(out) if scenario == "ok" else (None, [])
@@ -493,10 +463,6 @@ def check_interpreter(python: str, variants: list[str]) -> tuple[list[str], dict
     return usable, info["versions"]
 
 
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 @dataclass
 class Summary:
     builds: float | None
@@ -541,10 +507,6 @@ def summarize(results: list[RunResult], variant: str) -> Summary:
             for key in ("startup_s", "ready_s", "tail_s")
         },
     )
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_table(summaries: dict[str, Summary], args: argparse.Namespace) -> None:
@@ -658,6 +620,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--output", type=Path, help="JSON file for raw results")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (suites, logs)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     args = p.parse_args(argv)
 
     def subset(raw: str, allowed: tuple[str, ...], what: str) -> list[str]:
@@ -736,7 +699,9 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [asdict(r) for r in results],
     }
     output.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nraw results: {output}")
+    print(f"\nraw results: {output}", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        harness.emit_json({k: payload[k] for k in ("args", "versions", "machine", "summary")})
     return 1 if any(s.bad_runs for s in summaries.values()) else 0
 
 

@@ -46,12 +46,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,8 +59,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import harness
+from harness import RESULTS_DIR
+
 HERE = Path(__file__).resolve().parent
-RESULTS_DIR = HERE / "results"
 # A separate interpreter that has pytest-shared-session-scope, if --python lacks it.
 BENCH_VENV_PYTHON = Path(os.environ.get("PREWARM_BENCH_PEERS_PYTHON", ".venv-peers/bin/python"))
 
@@ -382,12 +382,6 @@ def one_run(
 # --------------------------------------------------------------------------------------------
 
 
-def _p90(values: list[float]) -> float:
-    # Nearest rank: with 15 runs this is the 14th smallest, an actual observation.
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
-
-
 def _fmt(value: float | None) -> str:
     if value is None:
         return "-"
@@ -405,11 +399,11 @@ def summarise(records: list[RunRecord], variants: list[str]) -> dict[str, Any]:
             "runs": len(rows),
             "ok": len(good),
             "failed": len(rows) - len(good),
-            "median_ms": statistics.median(good) if good else None,
-            "p90_ms": _p90(good) if good else None,
+            "median_ms": harness.median(good),
+            "p90_ms": harness.percentile(good, 90),
             "max_ms": max(good) if good else None,
             "min_ms": min(good) if good else None,
-            "all_done_median_ms": statistics.median(done) if done else None,
+            "all_done_median_ms": harness.median(done),
             "zombie_every_run": all(r.builder_zombie for r in rows if r.builder_zombie is not None),
             # Failed runs still say when somebody started the rebuild (after the failure).
             "failed_takeover_ms": [r.takeover_ms for r in rows if not r.ok],
@@ -430,8 +424,8 @@ def summarise(records: list[RunRecord], variants: list[str]) -> dict[str, Any]:
                 ratios.append(a.takeover_ms / b.takeover_ms)
         summary[v]["ratio_to_recipe"] = {
             "pairs": len(ratios),
-            "median": statistics.median(ratios) if ratios else None,
-            "p90": _p90(ratios) if ratios else None,
+            "median": harness.median(ratios),
+            "p90": harness.percentile(ratios, 90),
             "max": max(ratios) if ratios else None,
         }
     return summary
@@ -545,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--takeover-timeout", type=float, default=30.0)
     parser.add_argument("--python", default=sys.executable, help="interpreter for the children")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     parser.add_argument("--keep", action="store_true", help="keep the work dirs")
     args = parser.parse_args(argv)
 
@@ -611,7 +606,9 @@ def main(argv: list[str] | None = None) -> int:
             indent=2,
         )
     )
-    print(f"\nraw numbers: {output}")
+    print(f"\nraw numbers: {output}", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        harness.emit_json({"summary": summary, "interpreters": interpreters})
     return 0 if all(r.ok for r in records if not r.warmup) else 1
 
 

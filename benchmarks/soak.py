@@ -46,9 +46,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import harness
+from harness import REPO, RESULTS_DIR
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RESULTS_DIR = HERE / "results"
 CHAOS_VAR = "PREWARM_SOAK_CHAOS"
 TEMPLATES = ("alpha", "beta", "gamma")
 
@@ -1007,6 +1008,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--files", type=int, default=6, help="files per template")
     p.add_argument("--build-min", type=float, default=0.2, help="build time, min seconds")
     p.add_argument("--build-max", type=float, default=0.6, help="build time, max seconds")
+    p.add_argument("--json", action="store_true", help="print the counts as JSON on stdout, last")
     return p.parse_args(argv)
 
 
@@ -1200,6 +1202,8 @@ def report(
         result_file = RESULTS_DIR / f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json"
         result_file.write_text(json.dumps(record, indent=1, default=str))
         print(f"  raw results: {result_file}")
+    if getattr(ctx["args"], "json", False):
+        harness.emit_json({"counts": counts, "info": info, "failed": failed})
     return failed
 
 

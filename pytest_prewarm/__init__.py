@@ -57,9 +57,10 @@ def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+    # Not cached in globals(): the plugin loads the core on first use, and a module that an
+    # in-process run (pytester's) imported is dropped after it; the next run must get the
+    # names of the modules it loads itself, not the dropped ones.
+    return getattr(import_module(module, __name__), name)
 
 
 def __dir__() -> list[str]:

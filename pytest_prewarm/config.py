@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
-from . import supply
 from .clock import MAX_SECONDS
-from .exceptions import PrewarmUsageError
-from .kinds import LockMode
 
 DEFAULT_TIMEOUT = 1800.0  # container image builds take minutes; a hang still ends
 
 DEFAULT_NOTICE_AFTER = 10.0
 DEFAULT_REPORT = 10
 DEFAULT_TEARDOWN_TIMEOUT = 60.0  # teardown.DEFAULT_TIMEOUT; not imported: start-up stays light
+DEFAULT_KEEP_RUNS = 3  # as pytest's tmp_path_retention_count
 
 # (option suffix, ini type, help). The same help text serves the option and its ini twin.
 _OPTIONS: list[tuple[str, str, str]] = [
@@ -29,7 +26,16 @@ _OPTIONS: list[tuple[str, str, str]] = [
         "directory for template locks and published templates. Relative paths resolve "
         "against rootdir. Shared by concurrent runs, which then share builds; published "
         "templates are reused by later runs while their key matches. "
-        "Default: a fresh directory per test run, removed at the end.",
+        "Default: a fresh directory per test run in the system temp dir, made when the "
+        "first template is asked for; the last few are kept (see --prewarm-keep-runs).",
+    ),
+    (
+        "keep-runs",
+        "string",
+        f"number of ended runs whose per-run default lock dir is kept for inspection, "
+        f"the way pytest keeps the last basetemps (default {DEFAULT_KEEP_RUNS}; 0 removes "
+        "it at the end of its run). Older ones of this user are removed; a lock dir given "
+        "with --prewarm-lock-dir keeps its templates anyway.",
     ),
     (
         "timeout",
@@ -140,19 +146,29 @@ SUPPLY_HELP = (
 )
 
 
+SUPPLY_ENV_VAR = "PYTEST_PREWARM_SUPPLY"  # supply.ENV_VAR, spelled out: start-up stays light
+
+
 def _supplied(config: pytest.Config) -> dict[str, Any]:
     where = f" in {config.inipath}" if config.inipath else ""
     specs = [(spec, "--prewarm-supply") for spec in config.getoption("prewarm_supply") or []]
-    specs += [(spec, supply.ENV_VAR) for spec in supply.env_specs(os.environ)]
+    env = os.environ.get(SUPPLY_ENV_VAR, "")
+    specs += [(spec, SUPPLY_ENV_VAR) for spec in env.split(os.pathsep) if spec.strip()]
     specs += [(spec, f"ini prewarm_supply{where}") for spec in config.getini("prewarm_supply")]
+    if not specs:
+        return {}
+    from . import supply  # only runs that supply a template pay for it
+    from .exceptions import PrewarmUsageError
+
     try:
         return supply.parse(specs, config.invocation_params.dir)
     except PrewarmUsageError as exc:
         raise pytest.UsageError(f"prewarm: {exc}") from None
 
 
-@dataclass(frozen=True)
-class Setting:
+# NamedTuples, not frozen dataclasses: as immutable, and a sixth of the cost to define,
+# in a module that every pytest run imports.
+class Setting(NamedTuple):
     value: Any
     source: str  # "--prewarm-timeout", "ini prewarm_timeout in tox.ini", "default"
 
@@ -208,7 +224,9 @@ def _count(config: pytest.Config, suffix: str, default: int) -> int:
     return value
 
 
-LOCK_MODES = tuple(mode.value for mode in LockMode)
+# kinds.LockMode's values, spelt out: the enum module is not worth loading at start-up in
+# every run (a test checks the two agree). Settings carry the mode as a plain string.
+LOCK_MODES = ("auto", "flock", "lease")
 
 
 def heartbeat_for(stale_after: float) -> float:
@@ -222,14 +240,14 @@ MIN_HEARTBEATS = 3  # a stale window shorter than this many heartbeats misjudges
 def _lock_mode(config: pytest.Config) -> Setting:
     raw = _raw(config, "lock-mode")
     if raw is None:
-        return Setting(LockMode.AUTO, "default")
+        return Setting("auto", "default")
     value = str(raw.value).strip().lower()
     if value not in LOCK_MODES:
         raise pytest.UsageError(
             f"prewarm: lock mode {raw.value!r} from {raw.source} is not one of "
             f"{', '.join(LOCK_MODES)}; for example --prewarm-lock-mode=auto"
         )
-    return Setting(LockMode(value), raw.source)
+    return Setting(value, raw.source)
 
 
 def _stale_after(config: pytest.Config, timeout: Setting) -> Setting:
@@ -315,8 +333,7 @@ def _check_writable_target(path: Path, source: str) -> None:
     )
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     lock_dir: Setting  # value: Path | None (None: per-run default dir)
     timeout: Setting
     rebuild: bool
@@ -326,9 +343,10 @@ class Settings:
     lock_mode: Setting
     stale_after: Setting
     eager: bool = True
-    supplied: dict[str, Any] = field(default_factory=dict)  # name -> supply.Supplied
+    supplied: dict[str, Any] = {}  # noqa: RUF012 - name -> supply.Supplied; never mutated
     keys_path: Path | None = None
     teardown_timeout: Setting = Setting(DEFAULT_TEARDOWN_TIMEOUT, "default")
+    keep_runs: int = DEFAULT_KEEP_RUNS
 
     @property
     def heartbeat(self) -> float:
@@ -365,9 +383,10 @@ class Settings:
             teardown_timeout=_seconds(
                 config, "teardown-timeout", DEFAULT_TEARDOWN_TIMEOUT, zero_ok=False
             ),
+            keep_runs=_count(config, "keep-runs", DEFAULT_KEEP_RUNS),
         )
 
-    def as_dict(self, *, lock_dir: Path, lock_mode: LockMode) -> dict[str, Any]:
+    def as_dict(self, *, lock_dir: Path, lock_mode: str) -> dict[str, Any]:
         """Effective settings for the JSON report."""
         return {
             "lock_dir": str(lock_dir),
@@ -381,4 +400,5 @@ class Settings:
             "stale_after": self.stale_after.value,
             "supplied": {name: str(s.path) for name, s in self.supplied.items()},
             "teardown_timeout": self.teardown_timeout.value,
+            "keep_runs": self.keep_runs,
         }

@@ -159,17 +159,13 @@ def _own_create_time(pid: int) -> float | None:
         return None
 
 
-def own_identity() -> tuple[int, int | None, float | None]:
-    """(pid, start ticks, create time) of the calling process.
+def own_identity(pid: int | None = None) -> tuple[int, int | None, float | None]:
+    """(pid, start ticks, create time) of the calling process, or of ``pid`` on this host.
 
     Start ticks exist only where /proc does (Linux, unless the portable path is forced);
     elsewhere create_time is the start token.
     """
-    return identity_of(os.getpid())
-
-
-def identity_of(pid: int) -> tuple[int, int | None, float | None]:
-    """(pid, start ticks, create time) of process ``pid``, as ``own_identity`` gives them."""
+    pid = os.getpid() if pid is None else pid
     if not LINUX:
         return pid, None, _own_create_time(pid)  # pragma: no cover - macOS and Windows only
     if not _proc_is_ours():
@@ -178,8 +174,12 @@ def identity_of(pid: int) -> tuple[int, int | None, float | None]:
 
 
 def own_record(worker: str, run_id: str, pid: int | None = None) -> OwnerRecord:
-    """An owner record naming the calling process, or ``pid`` (``started_at`` left at 0)."""
-    pid, ticks, created = own_identity() if pid is None else identity_of(pid)
+    """An owner record naming the calling process (``started_at`` left at 0).
+
+    ``pid`` names another process of this host and pid namespace instead: a worker that
+    creates the run's lock dir records the controller, which outlives it.
+    """
+    pid, ticks, created = own_identity(pid)
     here = local_host()
     return OwnerRecord(
         pid=pid,
@@ -330,3 +330,8 @@ def prepare_classify() -> None:
 def held_for(record: OwnerRecord) -> float:
     """Seconds since the holder took the lock, by its wall clock (for messages only)."""
     return max(0.0, clock.wall() - record.started_at)
+
+
+def identity_of(pid: int) -> tuple[int, int | None, float | None]:
+    """(pid, start ticks, create time) of process ``pid``, as ``own_identity`` gives them."""
+    return own_identity(pid)

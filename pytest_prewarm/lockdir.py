@@ -10,12 +10,10 @@ from pathlib import Path
 
 from . import clock
 from .exceptions import DISK_FULL, LockDirError
-from .files import read_bounded, write_atomic, write_temp
+from .files import read_bounded, write_temp
 from .fstype import filesystem_type, flock_untrusted
 from .kinds import LockMode
 from .layout import RUN_RECORD, TAG_FILE, TAG_SIGNATURE, TAG_TEXT, Layout
-from .liveness import Liveness, classify, own_record
-from .owner import read_record
 from .trust import check_dir, dir_problem, is_mine, kind_of, remove_tree
 
 # Per-run default dirs live directly in the system temp dir, not under pytest-of-USER:
@@ -37,27 +35,66 @@ def _full_disk_words(exc: OSError) -> str:
     return " (the filesystem is full)" if exc.errno in DISK_FULL else ""
 
 
-def prepare(path: Path, source: str) -> Path:
-    """Create ``path`` (owner-only) or adopt it, mark it as ours, and prove we can write in it.
-
-    An existing directory is used only if it carries our tag, is empty, or is a lock dir of
-    an earlier version; anything else is refused and left untouched.
-    """
-    hint = (
+def _hint(path: Path, source: str) -> str:
+    return (
         "pass a writable directory with --prewarm-lock-dir (a new or empty one, or one "
         f"pytest-prewarm made; value {str(path)!r} came from {source})"
     )
+
+
+def _lstat_lock_dir(path: Path, hint: str) -> os.stat_result | None:
+    """The lock dir's lstat, None if it does not exist yet; a non-directory is refused."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
-        info = None
+        return None
     except OSError as exc:  # a path below a file (ENOTDIR), too long, unreadable
         raise LockDirError(f"cannot create lock dir {str(path)!r}: {exc.strerror}; {hint}") from exc
-    if info is not None and not stat.S_ISDIR(info.st_mode):
+    if not stat.S_ISDIR(info.st_mode):
         raise LockDirError(
             f"lock dir {str(path)!r} exists and is not a directory (it is "
             f"{kind_of(info.st_mode)}); {hint}"
         )
+    return info
+
+
+def check_at_start(path: Path, source: str) -> None:
+    """Refuse a lock dir that ``prepare`` would refuse, without writing anything.
+
+    Run at start-up for a lock dir the user named, so that a wrong one is a usage error
+    at once, while a run that asks for no template creates nothing: the directory, its
+    tag and the mode pin are made by ``prepare`` on the first request. What is checked:
+    a missing dir must be creatable (its nearest existing ancestor a directory we may
+    write in); an existing one must be a directory of ours that is tagged, empty or of
+    an earlier version, and writable.
+    """
+    hint = _hint(path, source)
+    if _lstat_lock_dir(path, hint) is None:
+        ancestor = path.parent
+        while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise LockDirError(
+                f"cannot create lock dir {str(path)!r}: {ancestor} is not writable; {hint}"
+            )
+        return
+    check_dir(path, shared_ok=True)
+    layout = Layout(path)
+    if not _is_tagged(layout):
+        _refuse_foreign(layout, hint)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise LockDirError(f"lock dir {str(path)!r} is not writable; {hint}")
+
+
+def prepare(path: Path, source: str) -> Path:
+    """Create ``path`` (owner-only) or adopt it, mark it as ours, and prove we can write in it.
+
+    An existing directory is used only if it carries our tag, is empty, or is a lock dir of
+    an earlier version; anything else is refused and left untouched. Processes of one run
+    (or of several) may prepare one lock dir at the same moment: every step is create-once.
+    """
+    hint = _hint(path, source)
+    info = _lstat_lock_dir(path, hint)
     if info is None:
         try:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -83,7 +120,8 @@ def _is_tagged(layout: Layout) -> bool:
 _TRANSIENT = (f".{TAG_FILE}.", ".prewarm-probe-", ".prewarm-flock-probe-", ".lock-mode.")
 
 
-def _adopt(layout: Layout, hint: str) -> None:
+def _refuse_foreign(layout: Layout, hint: str) -> None:
+    """Refuse an untagged dir that holds anything but an earlier version's lock dir."""
     try:
         entries = [n for n in os.listdir(layout.root) if not n.startswith(_TRANSIENT)]
     except OSError as exc:
@@ -101,6 +139,10 @@ def _adopt(layout: Layout, hint: str) -> None:
             f"pytest-prewarm (it has no {TAG_FILE} file); nothing in it was touched. "
             f"A lock dir must be one of its own; {hint}"
         )
+
+
+def _adopt(layout: Layout, hint: str) -> None:
+    _refuse_foreign(layout, hint)
     try:
         _link_new(layout.tag_file, TAG_TEXT)
     except OSError as exc:
@@ -184,15 +226,37 @@ def choose_lock_mode(path: Path, requested: LockMode | str) -> tuple[LockMode, s
     fstype = filesystem_type(path)
     if flock_untrusted(fstype):
         return LockMode.LEASE, f"auto: {fstype} filesystem, where flock cannot be trusted"
-    from . import flock  # the probe is flock's own business
+    from .flock import probe as flock_probe  # the probe is flock's own business
 
     try:
-        refused = flock.probe(path)
+        refused = flock_probe(path)
     except OSError as exc:
         return LockMode.LEASE, f"auto: cannot create a probe file ({exc.strerror})"
     if refused is not None:
         return LockMode.LEASE, f"auto: {refused}"
     return LockMode.FLOCK, f"auto: {fstype or 'local'} filesystem supports flock"
+
+
+def settle_mode(path: Path, requested: LockMode | str) -> tuple[LockMode, str]:
+    """(mode, why) for this process in the lock dir ``path``, pinned there by the first one.
+
+    Without a pin, the mode is chosen (``choose_lock_mode``) and pinned; a process that
+    races to pin the other mode fails in ``pin_mode``. With a pin, ``auto`` takes the
+    pinned mode without probing again (every process of a run but the first), unless the
+    pin says flock on a filesystem where flock cannot be trusted: then ``pin_mode``
+    refuses, as it refuses a requested mode other than the pin.
+    """
+    requested = LockMode(requested)
+    pinned = read_pin(path)
+    if pinned is not None and requested is LockMode.AUTO:
+        fstype = filesystem_type(path)
+        if not (pinned is LockMode.FLOCK and flock_untrusted(fstype)):
+            return pinned, f"auto: {pinned}, pinned in the lock dir by the first process to use it"
+        mode, why = LockMode.LEASE, f"auto: {fstype} filesystem, where flock cannot be trusted"
+    else:
+        mode, why = choose_lock_mode(path, requested)
+    pin_mode(path, mode, why)
+    return mode, why
 
 
 def pin_mode(path: Path, mode: LockMode, why: str) -> None:
@@ -204,8 +268,14 @@ def pin_mode(path: Path, mode: LockMode, why: str) -> None:
     concurrent run reads no mode or the whole mode, never an empty file.
     """
     marker = Layout(path).mode_file
-    if _link_new(marker, mode + "\n"):
-        return
+    try:
+        if not os.path.lexists(marker) and _link_new(marker, mode + "\n"):
+            return
+    except OSError as exc:  # a full disk (or inodes), a dir gone: words, not a raw OSError
+        raise LockDirError(
+            f"cannot record the lock mode in {marker}: {exc.strerror}"
+            f"{_full_disk_words(exc)}; free space there, or pass another --prewarm-lock-dir"
+        ) from exc
     raw = read_bounded(marker)
     if raw is None:
         raise LockDirError(
@@ -222,21 +292,85 @@ def pin_mode(path: Path, mode: LockMode, why: str) -> None:
         )
 
 
-def create_run_dir(run_id: str, worker: str) -> Path:
-    """A fresh lock dir for one test run, recorded with its creator so orphans can be swept."""
-    sweep_orphans()
+def run_dir_path(run_id: str) -> Path:
+    """Where this run's default lock dir goes: decided at start-up, created on first use."""
+    return Path(tempfile.gettempdir()) / f"{RUN_DIR_PREFIX}{run_id}"
+
+
+def open_run_dir(path: Path, run_id: str, creator_pid: int) -> None:
+    """Create this run's default lock dir, or join it if another process of the run did.
+
+    Several workers may ask for their first template at once: ``mkdir`` decides who
+    creates the dir, the tag and the run record are create-once, so every process ends
+    with the same complete dir. The run record names the run's controller
+    (``creator_pid``), which outlives every worker, so a later run's sweep never takes
+    the dir of a run still going. Older runs' dirs are swept when this run ends
+    (``retire_run_dir``), not here: the first request is on a build's critical path.
+    """
+    from .liveness import own_record  # psutil, and only for a run that uses a template
+
     try:
-        path = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))  # mkdtemp makes it 0o700
-        layout = Layout(path)
-        write_atomic(layout.tag_file, TAG_TEXT)
-        write_atomic(layout.run_record, own_record(worker, run_id).to_json())
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass  # another process of this run was first; check_dir proves it is ours
     except OSError as exc:
         full = _full_disk_words(exc)
         raise LockDirError(
-            f"cannot create a per-run lock dir in {tempfile.gettempdir()}: {exc.strerror}"
-            f"{full}; free space there, set TMPDIR, or pass --prewarm-lock-dir"
+            f"cannot create a per-run lock dir in {path.parent}: {exc.strerror}{full}; free "
+            "space there, set TMPDIR, or pass --prewarm-lock-dir"
         ) from exc
-    return path
+    check_dir(path)  # a name taken by someone else (a symlink, another user's dir) fails
+    layout = Layout(path)
+    try:
+        # Looked for first: most processes of a run find both made (nobody else can
+        # write in this owner-only dir), and only the first pays for the temp files.
+        if not os.path.lexists(layout.tag_file):
+            _link_new(layout.tag_file, TAG_TEXT)
+        if not os.path.lexists(layout.run_record):
+            _link_new(layout.run_record, own_record("main", run_id, creator_pid).to_json())
+    except OSError as exc:
+        full = _full_disk_words(exc)
+        raise LockDirError(
+            f"cannot write in the per-run lock dir {path}: {exc.strerror}{full}; free space "
+            "there, set TMPDIR, or pass --prewarm-lock-dir"
+        ) from exc
+
+
+def retire_run_dir(path: Path, *, keep: int) -> None:
+    """End of the run that made ``path``: keep it (and the ``keep - 1`` newest before it).
+
+    Its templates stay inspectable, the way pytest keeps the last few basetemps. With
+    ``keep`` 0 it goes at once, but for the logs of failed builds (``remove_run_dir``).
+    The run record's mtime marks when the run ended: the sweep keeps the newest.
+    """
+    if keep <= 0:
+        remove_run_dir(path)
+    else:
+        with contextlib.suppress(OSError):
+            os.utime(Layout(path).run_record)
+    sweep_orphans(path.parent, keep=max(0, keep - 1))
+
+
+def forget_run(path: Path, run_id: str) -> None:
+    """Remove one run's bookkeeping (events, failure records) from a lock dir.
+
+    A shared lock dir keeps its templates across runs, not per-run records; a later run
+    must try a failed build again anyway.
+    """
+    layout = Layout(path)
+    remove_tree(layout.events_dir(run_id))
+    for record in layout.failures_of_run(run_id):
+        with contextlib.suppress(OSError):
+            record.unlink()
+
+
+def read_pin(path: Path) -> LockMode | None:
+    """The mode pinned in the lock dir, None if there is none (yet) or it is unreadable."""
+    raw = read_bounded(Layout(path).mode_file)
+    try:
+        return None if raw is None else LockMode(raw.decode("utf-8", "replace").strip())
+    except ValueError:
+        return None
 
 
 def remove_run_dir(path: Path) -> None:
@@ -258,16 +392,21 @@ def remove_run_dir(path: Path) -> None:
                 remove_tree(entry)
 
 
-def sweep_orphans(temp_root: Path | None = None) -> list[Path]:
-    """Remove default lock dirs whose creating pytest process is provably dead.
+def sweep_orphans(temp_root: Path | None = None, *, keep: int = 0) -> list[Path]:
+    """Remove default lock dirs of ended runs but the ``keep`` that ended last.
 
-    A controller killed with SIGKILL never runs its cleanup; without this sweep its dir
-    would stay in the temp dir forever. Only a real directory of this user that carries
-    our tag and a run record of a provably dead creator is removed; anything else (a
-    dir of another user, of a live or unknown creator, a symlink) is left alone.
+    A run's dir is kept after it ends, for inspection, and a controller killed with
+    SIGKILL never runs its cleanup: this sweep bounds what stays. Only a real directory
+    of this user that carries our tag and a run record of a provably dead creator is
+    removed; anything else (a dir of another user, of a live or unknown creator, an
+    untagged dir, a symlink) is left alone. A dir holding a failed build's log younger
+    than RUN_LOGS_KEPT_FOR is kept as well: that build's error named the log.
     """
+    from .liveness import Liveness, classify  # psutil, and only for a run that uses a template
+    from .owner import read_record
+
     root = temp_root or Path(tempfile.gettempdir())
-    removed = []
+    ended: list[tuple[float, Path]] = []
     with contextlib.suppress(OSError):
         for entry in root.iterdir():
             if not entry.name.startswith(RUN_DIR_PREFIX) or dir_problem(entry):
@@ -277,10 +416,15 @@ def sweep_orphans(temp_root: Path | None = None) -> list[Path]:
                 continue
             record = read_record(layout.run_record)
             if record is not None and classify(record).state is Liveness.DEAD:
-                if _holds_recent_logs(layout):
-                    continue  # errors named these logs: keep them a while (remove_run_dir)
-                remove_tree(entry)
-                removed.append(entry)
+                with contextlib.suppress(OSError):
+                    ended.append((os.lstat(layout.run_record).st_mtime, entry))
+    ended.sort(reverse=True)
+    removed = []
+    for _, entry in ended[keep:]:
+        if _holds_recent_logs(Layout(entry)):
+            continue  # errors named these logs: keep them a while (remove_run_dir)
+        remove_tree(entry)
+        removed.append(entry)
     return removed
 
 

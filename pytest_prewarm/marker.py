@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import pytest
 
 from .exceptions import PrewarmUsageError
 from .names import check_name
 from .registry import REGISTRY
-
-MARKER_LINE = (
-    "prewarm(*names): the test needs these templates, registered with "
-    "@pytest_prewarm.template(name). They are ready before the test's setup (built early, "
-    "in parallel across workers) and reachable through the `prewarmed` fixture or "
-    "prewarmed_template(name)."
-)
 
 
 def prewarm(*names: str) -> tuple[str, ...]:
@@ -31,28 +25,67 @@ def marker_names(item: pytest.Item) -> list[str]:
     template without a registered builder.
     """
     names: list[str] = []
-    for mark in item.iter_markers("prewarm"):
-        try:
-            given = prewarm(*mark.args, **mark.kwargs)
-            if not given:
-                raise TypeError('needs at least one template name, e.g. prewarm("db")')
-            for name in given:
-                check_name(name)
-        except (TypeError, PrewarmUsageError) as exc:
-            raise PrewarmUsageError(
-                f"{item.nodeid}: invalid marker {_show(mark)}: {exc}. "
-                'Use @pytest.mark.prewarm("name", ...) with registered template names.'
-            ) from exc
-        for name in given:
-            if REGISTRY.get(name) is None:
-                raise PrewarmUsageError(
-                    f"{item.nodeid}: @pytest.mark.prewarm names template {name!r}, which has "
-                    f"no registered builder (registered: {', '.join(REGISTRY.names()) or 'none'})."
-                    f" Register one with @pytest_prewarm.template({name!r}) in a conftest.py."
-                )
+    for mark in _marks(item):
+        for name in _valid_names(item, mark):
             if name not in names:
                 names.append(name)
     return names
+
+
+def _marks(item: pytest.Item) -> Iterator[pytest.Mark]:
+    """The prewarm marks of ``item`` and its parents, closest first (as ``iter_markers``).
+
+    Walked by hand: ``iter_markers`` builds the whole node chain on every call, a cost
+    that shows when 10,000 marked tests are collected.
+    """
+    node: pytest.Item | pytest.Collector | None = item
+    while node is not None:
+        for mark in node.own_markers:
+            if mark.name == "prewarm":
+                yield mark
+        node = node.parent
+
+
+# Marker arguments already found valid, so 10,000 tests marked alike are checked once
+# (collection with the plugin must cost about what it costs without). Only valid ones
+# are kept: builders are only ever added during a session, and ``forget`` empties it at
+# the session's end, when the registry is restored.
+_VALID: dict[tuple[Any, ...], tuple[str, ...]] = {}
+
+
+def forget() -> None:
+    _VALID.clear()
+
+
+def _valid_names(item: pytest.Item, mark: pytest.Mark) -> tuple[str, ...]:
+    key: tuple[Any, ...] | None = (mark.args, tuple(sorted(mark.kwargs.items())))
+    try:
+        known = _VALID.get(key)  # type: ignore[arg-type]
+    except TypeError:  # an unhashable argument: checked below, and reported as invalid
+        key, known = None, None
+    if known is not None:
+        return known
+    try:
+        given = prewarm(*mark.args, **mark.kwargs)
+        if not given:
+            raise TypeError('needs at least one template name, e.g. prewarm("db")')
+        for name in given:
+            check_name(name)
+    except (TypeError, PrewarmUsageError) as exc:
+        raise PrewarmUsageError(
+            f"{item.nodeid}: invalid marker {_show(mark)}: {exc}. "
+            'Use @pytest.mark.prewarm("name", ...) with registered template names.'
+        ) from exc
+    for name in given:
+        if REGISTRY.get(name) is None:
+            raise PrewarmUsageError(
+                f"{item.nodeid}: @pytest.mark.prewarm names template {name!r}, which has "
+                f"no registered builder (registered: {', '.join(REGISTRY.names()) or 'none'})."
+                f" Register one with @pytest_prewarm.template({name!r}) in a conftest.py."
+            )
+    if key is not None:
+        _VALID[key] = given
+    return given
 
 
 def needed_by(items: Iterable[pytest.Item]) -> list[str]:

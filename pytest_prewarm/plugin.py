@@ -1,187 +1,134 @@
-"""The pytest11 entry point: hooks and fixtures, kept thin.
+"""The pytest11 entry point: hooks and fixtures, kept thin and cheap to load.
 
-The work happens in the core: request.py (one template request, start to end), events.py
-(collecting and merging what each process did), lockdir.py (the lock dir) and report.py
-(the summary). This module translates between them and pytest and xdist.
+pytest loads this module in every process of every run of an environment that has the
+plugin installed, most of which never ask for a template. So it imports pytest and
+nothing of the core: start-up resolves the settings (bad values are still usage errors
+at once) and decides the run id and the lock dir's path, and state.py makes the rest
+on the first template request. The work happens in the core: request.py (one template
+request), events.py (what each process did), lockdir.py (the lock dir) and report.py
+(the summary).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import config as config_mod
-from . import console, eager, keys, lockdir, marker, report
-from .config import Settings
-from .events import EventLog
-from .exceptions import LockDirError, PrewarmUsageError
-from .kinds import LockMode
-from .locking import Holder
-from .names import canonical_key
-from .registry import REGISTRY
-from .request import (
-    Builder,
-    Configure,
-    Request,
-    Teardown,
-    Template,
-    TemplateFactory,
-    TemplateStore,
-    make_request,
-)
+# The one core module loaded at import: it keeps a copy of fd 2, which must be taken
+# before pytest's capture replaces it, for live lines from captured workers (console.py).
+from . import console  # noqa: F401
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from .events import TemplateEvent
+    from .request import Builder, Configure, Teardown, Template, TemplateFactory
+    from .state import State
 
 WORKERINPUT_LOCK_DIR = "prewarm_lock_dir"
 WORKERINPUT_RUN_ID = "prewarm_run_id"
-WORKERINPUT_LOCK_MODE = "prewarm_lock_mode"
-WORKEROUTPUT_EVENTS = "prewarm_events"
 WORKERINPUT_CONTROLLER_PID = "prewarm_controller_pid"
+WORKEROUTPUT_EVENTS = "prewarm_events"
+WORKEROUTPUT_LOCK_MODE = "prewarm_lock_mode"
 
+PINNED = "pinned in the lock dir"  # in the reason of a mode found pinned (lockdir.settle_mode)
+MARKER = "prewarm"
+MARKER_LINE = (
+    "prewarm(*names): the test needs these templates, registered with "
+    "@pytest_prewarm.template(name). They are ready before the test's setup (built early, "
+    "in parallel across workers) and reachable through the `prewarmed` fixture or "
+    "prewarmed_template(name)."
+)
 
-@dataclass
-class State:
-    """What the plugin keeps per pytest process (controller or worker)."""
-
-    settings: Settings
-    run_id: str
-    worker: str
-    owns_lock_dir: bool
-    store: TemplateStore
-    log: EventLog
-    lock_mode: LockMode
-    lock_mode_why: str
-    eager_builds: eager.EagerBuilds | None = None
-    teardowns: list[Any] | None = None  # teardown.Result of each teardown this run ran
-
-    @property
-    def lock_dir(self) -> Path:
-        return self.store.lock_dir
-
-    def request_for(
-        self,
-        name: str,
-        build: Builder | None = None,
-        key: Any = None,
-        timeout: float | None = None,
-        configure: Configure | None = None,
-        requires: Sequence[Template | str] = (),
-        teardown: Teardown | None = None,
-    ) -> Request:
-        return make_request(
-            name,
-            build,
-            key,
-            timeout,
-            registry=REGISTRY,
-            default_timeout=self.settings.timeout.value,
-            default_source=self.settings.timeout.source,
-            configure=configure,
-            requires=requires,
-            teardown=teardown,
-        )
-
-
-STATE_KEY = pytest.StashKey[State]()
+STATE_KEY = pytest.StashKey["State"]()
 REGISTRY_SNAPSHOT_KEY = pytest.StashKey[dict[str, Any]]()
+_REGISTRY_MODULE = "pytest_prewarm.registry"
+_MARKER_MODULE = "pytest_prewarm.marker"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    config_mod.addoption(parser)
+    from .config import addoption
+
+    addoption(parser)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     # Conftests register builders in a process-wide registry. Remember what it held before
     # this session's conftests were imported and restore it at the end, so sequential
-    # in-process sessions (pytester's inline runs) don't see each other's builders.
-    early_config.stash[REGISTRY_SNAPSHOT_KEY] = REGISTRY.snapshot()
+    # in-process sessions (pytester's inline runs) don't see each other's builders. Not
+    # loaded yet means empty: nothing to import for a run whose conftests register none.
+    registry = sys.modules.get(_REGISTRY_MODULE)
+    early_config.stash[REGISTRY_SNAPSHOT_KEY] = (
+        {} if registry is None else registry.REGISTRY.snapshot()
+    )
 
 
 def _is_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
-def _controller_lock_dir(settings: Settings, run_id: str) -> tuple[Path, bool]:
-    """(lock dir, whether this run owns it) for a controller or a run without xdist."""
-    if settings.lock_dir.value is None:
-        return lockdir.create_run_dir(run_id, "main"), True
-    return lockdir.prepare(settings.lock_dir.value, settings.lock_dir.source), False
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
+    from .config import Settings
+    from .state import State, new_run_id
+
     settings = Settings.from_config(config)
-    owns = False
     if _is_worker(config):
+        # The controller decided the run id and the lock dir's path for every worker.
         workerinput: dict[str, Any] = config.workerinput  # type: ignore[attr-defined]
-        worker = str(workerinput["workerid"])
-        run_id = str(workerinput.get(WORKERINPUT_RUN_ID) or workerinput["testrunuid"])
-        lock_dir = Path(workerinput[WORKERINPUT_LOCK_DIR])
-        # The controller decides the mode once: workers that disagreed would not exclude.
-        lock_mode = LockMode(workerinput[WORKERINPUT_LOCK_MODE])
-        mode_why = "chosen by the controller"
-    else:
-        worker = "main"
-        run_id = uuid.uuid4().hex
-        try:
-            lock_dir, owns = _controller_lock_dir(settings, run_id)
-            lock_mode, mode_why = lockdir.choose_lock_mode(lock_dir, settings.lock_mode.value)
-            lockdir.pin_mode(lock_dir, lock_mode, mode_why)
-        except LockDirError as exc:
-            raise pytest.UsageError(f"prewarm: {exc}") from exc
-    try:
-        store = TemplateStore(
-            lock_dir,
-            run_id=run_id,
-            worker=worker,
-            rebuild=settings.rebuild,
-            notice_every=settings.notice_after.value or float("inf"),
-            lock_mode=lock_mode,
-            stale_after=settings.stale_after.value,
-            heartbeat=settings.heartbeat,
-            supplied=settings.supplied,
+        state = State(
+            settings,
+            run_id=str(workerinput.get(WORKERINPUT_RUN_ID) or workerinput["testrunuid"]),
+            worker=str(workerinput["workerid"]),
+            controller_pid=int(workerinput[WORKERINPUT_CONTROLLER_PID]),
+            lock_dir=Path(workerinput[WORKERINPUT_LOCK_DIR]),
         )
-    except LockDirError as exc:  # a subdirectory that is a symlink, another user's...
-        raise pytest.UsageError(f"prewarm: {exc}") from exc
-    if _is_worker(config):
-        store.controller_pid = int(workerinput.get(WORKERINPUT_CONTROLLER_PID) or os.getppid())
-    store.teardown_timeout = settings.teardown_timeout.value
-    log = EventLog(store.layout, run_id, worker)
-    store.on_event = log.record
-    store.on_notice = _notice_writer(worker)
-    config.stash[STATE_KEY] = State(settings, run_id, worker, owns, store, log, lock_mode, mode_why)
-    config.addinivalue_line("markers", marker.MARKER_LINE)
+    else:
+        if settings.lock_dir.value is not None:
+            _check_lock_dir(settings.lock_dir.value, settings.lock_dir.source)
+        state = State(settings, run_id=new_run_id(), worker="main", controller_pid=os.getpid())
+    config.stash[STATE_KEY] = state
+    config.addinivalue_line("markers", MARKER_LINE)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(config), "prewarm-xdist-hooks")
 
 
-def _notice_writer(worker: str) -> Callable[[str, float, Holder], None]:
-    def notice(template: str, waited: float, holder: Holder) -> None:
-        console.emit(
-            f"[prewarm] {worker} has waited {waited:.1f} s for template {template!r}, "
-            f"{holder.describe()}"
-        )
+def _check_lock_dir(path: Path, source: str) -> None:
+    """A lock dir the user named that cannot work fails now, with nothing created."""
+    # "from .x import y", never "from . import x": after an in-process run (pytester's)
+    # drops the modules it imported, the package still holds the old ones as attributes,
+    # and old and new exception classes would not catch each other.
+    from .exceptions import LockDirError
+    from .lockdir import check_at_start
 
-    return notice
+    try:
+        check_at_start(path, source)
+    except LockDirError as exc:
+        raise pytest.UsageError(f"prewarm: {exc}") from exc
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
+    # The settings line goes into the summary of a run that used a template; the header
+    # shows it only under -v, for the runs (most of them) that use none.
     state = config.stash.get(STATE_KEY, None)
-    if state is None:
+    if state is None or config.get_verbosity() < 1:
         return None
+    requested = state.settings.lock_mode
+    why = "requested" if requested.source != "default" else "default; chosen on first use"
+    return settings_line(state, str(requested.value), why)
+
+
+def settings_line(state: State, mode: str, why: str) -> str:
     s = state.settings
-    where = "per-run default" if s.lock_dir.value is None else s.lock_dir.source
+    where = "per-run default" if state.default_dir else s.lock_dir.source
     return (
-        f"prewarm: lock dir {state.lock_dir} ({where}), lock mode {state.lock_mode} "
-        f"({state.lock_mode_why}), timeout {s.timeout.value:g} s, "
-        f"stale window {s.stale_after.value:g} s"
+        f"prewarm: lock dir {state.lock_dir} ({where}), lock mode {mode} ({why}), "
+        f"timeout {s.timeout.value:g} s, stale window {s.stale_after.value:g} s"
     )
 
 
@@ -195,26 +142,54 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 def _flush(config: pytest.Config | None) -> None:
     state = None if config is None else config.stash.get(STATE_KEY, None)
-    if state is not None:
-        state.log.flush()
+    if state is not None and state.core is not None:
+        state.core.log.flush()
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     state = config.stash.get(STATE_KEY, None)
-    if state is not None and state.eager_builds is not None:
+    if state is None:
+        return
+    core = state.core
+    if core is not None and core.eager_builds is not None:
         # Let a background build finish (or fail) rather than abandon it half-way, unless
         # the run was interrupted: then nothing is waited for.
-        state.eager_builds.finish(
+        core.eager_builds.finish(
             state.settings.timeout.value,
             interrupted=exitstatus == pytest.ExitCode.INTERRUPTED,
         )
     _flush(config)
-    if state is not None and _is_worker(config):
-        config.workeroutput[WORKEROUTPUT_EVENTS] = [  # type: ignore[attr-defined]
-            e.to_dict() for e in state.log.events
-        ]
+    if _is_worker(config):
+        # Always sent, even empty: the controller takes a missing key for a crashed worker.
+        output: dict[str, Any] = config.workeroutput  # type: ignore[attr-defined]
+        output[WORKEROUTPUT_EVENTS] = [] if core is None else [e.to_dict() for e in core.log.events]
+        if core is not None:
+            output[WORKEROUTPUT_LOCK_MODE] = [str(core.lock_mode), core.lock_mode_why]
+
+
+def _run_events(state: State) -> list[TemplateEvent]:
+    """The whole run's events; nothing is read or imported for a run that used no template."""
+    if state.core is not None:
+        log = state.core.log
+    elif state.reported or _dir_may_hold_events(state):
+        from .events import EventLog
+        from .layout import Layout
+
+        log = EventLog(Layout(state.lock_dir), state.run_id, state.worker)
+    else:
+        return []
+    for worker, dicts in state.reported:
+        log.add_reported(worker, dicts)
+    state.reported = []  # added once, even if the summary is asked for twice
+    return log.merged()
+
+
+def _dir_may_hold_events(state: State) -> bool:
+    # Only a controller that started workers (and so named the path) can find events of
+    # crashed workers on disk, and only if some process made the lock dir.
+    return state.lock_dir_known and os.path.isdir(state.lock_dir)
 
 
 @pytest.hookimpl(wrapper=True, trylast=True, specname="pytest_sessionfinish")
@@ -226,14 +201,21 @@ def pytest_sessionfinish_teardowns(session: pytest.Session) -> Any:
     state = session.config.stash.get(STATE_KEY, None)
     if state is None or _is_worker(session.config):
         return result
-    if not state.store.layout.services_root.is_dir():
+    if state.core is None and not _dir_may_hold_events(state):
+        return result  # no process of this run made the lock dir: no service to end
+    from .layout import Layout
+
+    layout = state.core.store.layout if state.core is not None else Layout(state.lock_dir)
+    if not layout.services_root.is_dir():
         return result  # no template with a teardown was built: nothing to load or do
     from . import teardown
+    from .liveness import own_record
 
+    runner = own_record("controller", state.run_id, state.controller_pid)
     state.teardowns = teardown.finish(
-        state.store.layout,
+        layout,
         state.run_id,
-        runner=state.store.services().controller(),
+        runner=runner,
         timeout=state.settings.teardown_timeout.value,
     )
     if any(r.outcome != teardown.OK for r in state.teardowns) and session.exitstatus in (
@@ -249,27 +231,43 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     state = config.stash.get(STATE_KEY, None)
     if state is None or _is_worker(config):
         return
-    events = state.log.merged()
+    events = _run_events(state)
+    torn = [r.to_dict() for r in state.teardowns or ()]
     if state.settings.keys_path is not None and not config.option.collectonly:
-        _write(state.settings.keys_path, keys.from_events(events))
+        from .keys import from_events
+
+        _write(state.settings.keys_path, from_events(events))
+    if not events and not torn and state.settings.json_path is None:
+        return
+    from .report import dumps, format_summary, summarize, to_json
+
+    mode, why = state.mode_in_use()
+    summaries = summarize(events)  # once for both: a run may have 10,000 waits
     if state.settings.json_path is not None:
-        data = report.to_json(
-            events,
-            state.settings.as_dict(lock_dir=state.lock_dir, lock_mode=state.lock_mode),
-            teardowns=[r.to_dict() for r in state.teardowns or ()],
-        )
-        _write(state.settings.json_path, json.dumps(data, indent=2) + "\n")
-    lines = report.format_summary(
+        settings = state.settings.as_dict(lock_dir=state.lock_dir, lock_mode=mode)
+        data = to_json(events, settings, teardowns=torn, summaries=summaries)
+        _write(state.settings.json_path, dumps(data))
+    lines = format_summary(
         events,
         top=state.settings.report_top,
         verbosity=config.get_verbosity(),
-        teardowns=[r.to_dict() for r in state.teardowns or ()],
+        teardowns=torn,
+        summaries=summaries,
     )
     if not lines:
         return
     terminalreporter.write_sep("=", "prewarm summary")
     for line in lines:
         terminalreporter.write_line(line)
+    if config.get_verbosity() < 0:
+        return  # -q: the per-template lines only
+    terminalreporter.write_line(settings_line(state, mode, why))
+    keep = state.settings.keep_runs
+    if state.default_dir and keep > 0:
+        terminalreporter.write_line(
+            f"prewarm: this run's templates stay in {state.lock_dir} (the per-run lock dirs "
+            f"of the last {keep} runs are kept; --prewarm-keep-runs)"
+        )
 
 
 def _write(path: Path, text: str) -> None:
@@ -278,18 +276,25 @@ def _write(path: Path, text: str) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    registry = sys.modules.get(_REGISTRY_MODULE)
     snapshot = config.stash.get(REGISTRY_SNAPSHOT_KEY, None)
-    if snapshot is not None:
-        REGISTRY.restore(snapshot)
+    if registry is not None and snapshot is not None:
+        registry.REGISTRY.restore(snapshot)
+    marker = sys.modules.get(_MARKER_MODULE)
+    if marker is not None:
+        marker.forget()  # markers found valid against the registry just restored
     state = config.stash.get(STATE_KEY, None)
     if state is None or _is_worker(config):
         return
-    if state.owns_lock_dir:
-        lockdir.remove_run_dir(state.lock_dir)
+    if state.core is None and not _dir_may_hold_events(state):
+        return  # no process of this run made or used the lock dir: nothing to clean
+    from .lockdir import forget_run, retire_run_dir
+
+    if state.default_dir:
+        retire_run_dir(state.lock_dir, keep=state.settings.keep_runs)
     else:
         # A shared lock dir keeps templates across runs, but not per-run bookkeeping.
-        shutil.rmtree(state.store.layout.events_dir(state.run_id), ignore_errors=True)
-        state.store.forget_run()
+        forget_run(state.lock_dir, state.run_id)
 
 
 class XdistHooks:
@@ -302,8 +307,7 @@ class XdistHooks:
         state = self.config.stash[STATE_KEY]
         node.workerinput[WORKERINPUT_LOCK_DIR] = str(state.lock_dir)
         node.workerinput[WORKERINPUT_RUN_ID] = state.run_id
-        node.workerinput[WORKERINPUT_LOCK_MODE] = str(state.lock_mode)
-        node.workerinput[WORKERINPUT_CONTROLLER_PID] = os.getpid()
+        node.workerinput[WORKERINPUT_CONTROLLER_PID] = state.controller_pid
 
     def pytest_testnodedown(self, node: Any, error: object) -> None:
         state = self.config.stash[STATE_KEY]
@@ -311,7 +315,12 @@ class XdistHooks:
         received = output.get(WORKEROUTPUT_EVENTS)
         if received is None:
             return  # crashed: its events are read from the lock dir at summary time
-        state.log.add_reported(str(node.workerinput["workerid"]), received)
+        state.reported.append((str(node.workerinput["workerid"]), received))
+        mode = output.get(WORKEROUTPUT_LOCK_MODE)
+        # The report names why the mode was chosen: the worker that chose it says so, the
+        # others only found it pinned.
+        if mode is not None and (state.reported_mode is None or PINNED in state.reported_mode[1]):
+            state.reported_mode = (str(mode[0]), str(mode[1]))
 
 
 @pytest.fixture(scope="session")
@@ -319,7 +328,7 @@ def prewarmed_template(request: pytest.FixtureRequest) -> TemplateFactory:
     """Get a template built once per test run across all xdist workers.
 
     ``prewarmed_template(name, build=None, *, key=None, timeout=None, configure=None,
-    requires=())`` returns a
+    requires=(), teardown=None)`` returns a
     :class:`pytest_prewarm.Template` (``os.PathLike``; ``.path``, ``.name``, ``.key``,
     ``.value``). The first process to take the template's lock calls ``build(path)`` on an
     empty directory; every other process waits, then gets the same published directory.
@@ -329,6 +338,9 @@ def prewarmed_template(request: pytest.FixtureRequest) -> TemplateFactory:
     Annotate it as :class:`pytest_prewarm.TemplateFactory`.
     """
     state = request.config.stash[STATE_KEY]
+    # Asking for the factory is asking for templates: the lock dir and the core are made
+    # now, in the fixture's setup, so that the first call goes straight to the lock.
+    state.get_core()
 
     def get(
         name: str,
@@ -341,15 +353,15 @@ def prewarmed_template(request: pytest.FixtureRequest) -> TemplateFactory:
         teardown: Teardown | None = None,
     ) -> Template:
         __tracebackhide__ = True  # users need the builder's frames, not ours
-        request = state.request_for(
+        template: Template = state.get(
             name, build, key, timeout, configure=configure, requires=requires, teardown=teardown
         )
-        return state.store.get(request)
+        return template
 
     return get
 
 
-ITEM_TEMPLATES_KEY = pytest.StashKey[dict[str, Template]]()
+ITEM_TEMPLATES_KEY = pytest.StashKey[dict[str, "Template"]]()
 
 
 @pytest.fixture
@@ -361,16 +373,29 @@ def prewarmed(request: pytest.FixtureRequest) -> dict[str, Template]:
     return dict(request.node.stash.get(ITEM_TEMPLATES_KEY, {}))
 
 
+def _may_be_marked(item: pytest.Item) -> bool:
+    # The keywords hold the names of the item's markers and of its parents' (and other
+    # words: a test named "prewarm" only costs a full look). A dict lookup per node, where
+    # iter_markers builds the node chain: collecting 10,000 tests must cost what it costs
+    # without the plugin.
+    return MARKER in item.keywords
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> Any:
     result = yield
+    if result is None:
+        return result
     # Validate markers while collecting, so a typo fails as a collection error that names
     # the test, on every worker alike, instead of an error in each test's setup.
     items = result if isinstance(result, list) else [result]
     for item in items:
-        if isinstance(item, pytest.Item):
+        if isinstance(item, pytest.Item) and _may_be_marked(item):
+            from .exceptions import PrewarmUsageError
+            from .marker import marker_names
+
             try:
-                marker.marker_names(item)
+                marker_names(item)
             except PrewarmUsageError as exc:
                 raise collector.CollectError(str(exc)) from None
     return result
@@ -387,15 +412,30 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         or session.config.option.collectonly
     ):
         return
-    names = marker.needed_by(session.items)
-    if names:
+    marked = [item for item in session.items if _may_be_marked(item)]
+    if not marked:
+        return
+    from .eager import EagerBuilds
+    from .exceptions import PrewarmError
+    from .marker import needed_by
+
+    names = needed_by(marked)
+    try:
+        core = state.get_core()
         requests = [state.request_for(n) for n in names]
-        state.eager_builds = eager.EagerBuilds(state.store, requests).start()
+    except PrewarmError:
+        return  # no early builds; each test that needs a template gets this error itself
+    core.eager_builds = EagerBuilds(core.store, requests).start()
 
 
 def _write_selection_keys(state: State, items: list[pytest.Item]) -> None:
     """``--collect-only --prewarm-keys``: the keys of the marked templates, nothing built."""
-    requests = [state.request_for(name) for name in marker.needed_by(items)]
+    from .keys import from_requests
+    from .marker import needed_by
+    from .names import canonical_key
+    from .request import Request
+
+    requests = [state.request_for(name) for name in needed_by(items)]
     canonical = {}
     pending = list(requests)
     while pending:
@@ -403,16 +443,15 @@ def _write_selection_keys(state: State, items: list[pytest.Item]) -> None:
         canonical[request.name] = canonical_key(request.key, name=request.name)
         pending += [r for r in request.requires if isinstance(r, Request)]
     assert state.settings.keys_path is not None
-    _write(state.settings.keys_path, keys.from_requests(requests, canonical))
+    _write(state.settings.keys_path, from_requests(requests, canonical))
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     __tracebackhide__ = True  # users need the builder's frames, not ours
-    names = marker.marker_names(item)
-    if not names:
+    if not _may_be_marked(item):
         return
+    from .marker import marker_names
+
     state = item.config.stash[STATE_KEY]
-    item.stash[ITEM_TEMPLATES_KEY] = {
-        name: state.store.get(state.request_for(name)) for name in names
-    }
+    item.stash[ITEM_TEMPLATES_KEY] = {name: state.get(name) for name in marker_names(item)}

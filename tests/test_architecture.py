@@ -29,9 +29,10 @@ LAYERS: list[set[str]] = [
     {"request"},
     {"eager", "report", "lockdir", "keys"},
     {"config", "marker"},  # the pytest edge
+    {"state"},  # a process's state, made on first use
     {"plugin"},  # the pytest11 entry point
 ]
-EDGE = {"config", "marker", "plugin"}
+EDGE = {"config", "marker", "state", "plugin"}
 LAYER_OF = {name: index for index, layer in enumerate(LAYERS) for name in layer}
 
 

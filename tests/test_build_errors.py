@@ -354,7 +354,10 @@ def test_a_per_run_lock_dir_keeps_the_failed_builds_log_for_a_day(suite, tmp_pat
     temp_root.mkdir()
     suite.write(test_default=DEFAULT_DIR_CONFTEST)
 
-    result = suite.run("-p", "no:xdist", lock_dir=False, env={"TMPDIR": str(temp_root)})
+    # Kept for no run after its end (the default keeps three whole): only the logs stay.
+    result = suite.run(
+        "-p", "no:xdist", "--prewarm-keep-runs=0", lock_dir=False, env={"TMPDIR": str(temp_root)}
+    )
 
     result.assert_outcomes(passed=1)
     (error,) = suite.records("error")

@@ -214,8 +214,11 @@ def test_lock_dir_on_a_read_only_filesystem_is_a_usage_error(pytester, processes
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 def test_lock_dir_is_created_owner_only(pytester):
     lock_dir = pytester.path / "new" / "locks"
+    pytester.makepyfile(
+        "def test_uses(prewarmed_template):\n    prewarmed_template('db', lambda path: None)\n"
+    )
 
-    pytester.runpytest(f"--prewarm-lock-dir={lock_dir}")
+    pytester.runpytest(f"--prewarm-lock-dir={lock_dir}").assert_outcomes(passed=1)
 
     assert stat.S_IMODE(lock_dir.stat().st_mode) == 0o700
     for sub in lock_dir.iterdir():

@@ -150,7 +150,11 @@ def test_the_smallest_stale_window_the_error_suggests_is_accepted(pytester):
     assert suggested is not None, refused.stderr.str()
 
     result = pytester.runpytest(
-        "-p", "no:hypothesispytest", f"--prewarm-stale-after={suggested[1]}", "--prewarm-timeout=5"
+        "-p",
+        "no:hypothesispytest",
+        "-v",  # the settings line is in the header under -v (no template is used)
+        f"--prewarm-stale-after={suggested[1]}",
+        "--prewarm-timeout=5",
     )
 
     assert result.ret == 0, result.stderr.str()
@@ -181,6 +185,7 @@ def test_a_valid_stale_window_below_the_timeout_is_accepted_and_shown(pytester):
     result = pytester.runpytest(
         "-p",
         "no:hypothesispytest",
+        "-v",  # the settings line is in the header under -v (no template is used)
         "--prewarm-lock-mode=lease",
         "--prewarm-stale-after=4",
         "--prewarm-timeout=5",

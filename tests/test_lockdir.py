@@ -20,10 +20,11 @@ from pytest_prewarm.liveness import own_record
 from pytest_prewarm.lockdir import (
     RUN_DIR_PREFIX,
     choose_lock_mode,
-    create_run_dir,
+    open_run_dir,
     pin_mode,
     prepare,
     remove_run_dir,
+    run_dir_path,
     sweep_orphans,
 )
 
@@ -191,12 +192,6 @@ def test_the_first_run_pins_the_mode_and_a_run_in_the_other_mode_is_refused(tmp_
     assert (lock_dir / "lock-mode").read_text() == "flock\n"
 
 
-@pytest.mark.xfail(
-    raises=OSError,
-    strict=True,
-    reason="pin_mode lets ENOSPC out as a raw OSError (pytest_configure catches only "
-    "LockDirError, so the run ends in INTERNALERROR); found while raising coverage",
-)
 def test_pinning_the_mode_on_a_disk_with_one_inode_left_is_a_clear_error(tmpfs: Tmpfs):
     disk = tmpfs.mount("size=1m,nr_inodes=64")
     lock_dir = prepare(disk / "locks", "ini")
@@ -231,6 +226,13 @@ def test_a_mode_file_that_is_not_ours_is_refused_and_left_alone(tmp_path, kind):
 # -- per-run lock dirs ----------------------------------------------------------------------
 
 
+def create_run_dir(run_id: str) -> Path:
+    """This run's default lock dir, made as the first request of a run makes it."""
+    path = run_dir_path(run_id)
+    open_run_dir(path, run_id, os.getpid())
+    return path
+
+
 @pytest.fixture
 def temp_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The system temp dir, for this test: tempfile.gettempdir() answers ``tmp_path/temp``."""
@@ -241,7 +243,7 @@ def temp_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_a_per_run_dir_is_owner_only_tagged_and_names_its_creator(temp_root):
-    path = create_run_dir("run-1", "main")
+    path = create_run_dir("run-1")
 
     assert path.parent == temp_root
     assert path.name.startswith(RUN_DIR_PREFIX)
@@ -258,7 +260,7 @@ def test_a_temp_dir_where_no_per_run_dir_can_be_made_is_a_clear_error(tmp_path, 
     monkeypatch.setattr(tempfile, "tempdir", str(below_a_file))
 
     with pytest.raises(LockDirError) as info:
-        create_run_dir("run-1", "main")
+        create_run_dir("run-1")
 
     assert str(info.value) == (
         f"cannot create a per-run lock dir in {below_a_file}: Not a directory; free space "
@@ -273,7 +275,7 @@ def test_a_full_temp_dir_says_the_filesystem_is_full(tmpfs: Tmpfs, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(disk))
 
     with pytest.raises(LockDirError, match=r"No space left on device \(the filesystem is full\)"):
-        create_run_dir("run-1", "main")
+        create_run_dir("run-1")
 
 
 def test_the_sweep_leaves_alone_what_is_not_a_dead_runs_tagged_dir(temp_root):
@@ -284,7 +286,7 @@ def test_the_sweep_leaves_alone_what_is_not_a_dead_runs_tagged_dir(temp_root):
     a_file.write_text("mine")
     a_link = temp_root / f"{RUN_DIR_PREFIX}link"
     a_link.symlink_to(untagged, target_is_directory=True)
-    live = create_run_dir("live-run", "main")  # this process: alive
+    live = create_run_dir("live-run")  # this process: alive
     other_name = temp_root / "pytest-of-root"
     other_name.mkdir()
 

@@ -251,8 +251,11 @@ def test_the_filesystem_type_comes_from_the_longest_matching_mount(tmp_path, pro
     assert list((tmp_path / "mount point").iterdir()) == []
 
 
-def test_the_lock_mode_and_its_reason_are_in_the_report_header(pytester):
-    pytester.makepyfile("def test_nothing():\n    pass\n")
+def test_the_lock_mode_and_its_reason_are_in_the_summary(pytester):
+    # The line is in the summary of a run that uses a template (the header shows it under -v)
+    pytester.makepyfile(
+        "def test_uses(prewarmed_template):\n    prewarmed_template('db', lambda path: None)\n"
+    )
 
     # (hypothesis's plugin would import hypothesis for its summary: seconds, for nothing)
     auto = pytester.runpytest("-p", "no:hypothesispytest", "--prewarm-lock-dir", "locks")

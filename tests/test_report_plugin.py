@@ -136,7 +136,8 @@ def section(lines: list[str]) -> list[str]:
         (i for i, line in enumerate(rest) if re.match(r"=+ |\d+ (passed|failed|error)", line)),
         len(rest),
     )
-    return rest[:end]
+    # The settings lines that close it (where the lock dir is, the lock mode) are not rows.
+    return [line for line in rest[:end] if not line.startswith("prewarm: ")]
 
 
 WAIT_ROW = re.compile(r"^ +(\d+\.\d\d)s  (\S+) +(\S+)( \(\w+\))?$")
@@ -366,17 +367,20 @@ SETTINGS_SCHEMA = {
         "notice_after",
         "eager",
         "stale_after",
+        "keep_runs",
     ],
     "properties": {
         "lock_dir": {"type": "string"},
         "lock_dir_source": {"type": "string"},
-        "lock_mode": {"enum": ["flock", "lease"]},
+        # "auto" only in a run that asked for no template: no mode was chosen then.
+        "lock_mode": {"enum": ["flock", "lease", "auto"]},
         "lock_mode_source": {"type": "string"},
         "timeout": NUMBER,
         "rebuild": {"type": "boolean"},
         "notice_after": NUMBER,
         "eager": {"type": "boolean"},
         "stale_after": NUMBER,
+        "keep_runs": {"type": "integer", "minimum": 0},
     },
 }
 TEMPLATE_SCHEMA = {
@@ -700,12 +704,7 @@ def test_a_run_that_uses_no_template_prints_no_prewarm_section(pytester: pytest.
         "report.json",
     )
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(
-        [
-            f"prewarm: lock dir {lock_dir} (--prewarm-lock-dir), lock mode * (*), "
-            "timeout 30 s, stale window 15 s"
-        ]
-    )
+    result.stdout.no_fnmatch_line("*prewarm: *")  # no header line either, without -v
     result.stdout.no_fnmatch_line("*prewarm summary*")
     result.stdout.no_fnmatch_line("*longest lock waits*")
     # The JSON file is still written, with nothing in it.
@@ -713,6 +712,17 @@ def test_a_run_that_uses_no_template_prints_no_prewarm_section(pytester: pytest.
     assert (data["templates"], data["events"]) == ([], [])
     assert data["settings"]["lock_dir_source"] == "--prewarm-lock-dir"
     assert schema_errors(data, REPORT_SCHEMA) == []
+    # Under -v the header says what a template request would use.
+    verbose = run_pytester(
+        pytester, "-n", "2", "-v", "--prewarm-lock-dir", str(lock_dir), "--prewarm-timeout", "30"
+    )
+    verbose.assert_outcomes(passed=2)
+    verbose.stdout.fnmatch_lines(
+        [
+            f"prewarm: lock dir {lock_dir} (--prewarm-lock-dir), lock mode auto (default; "
+            "chosen on first use), timeout 30 s, stale window 15 s"
+        ]
+    )
 
 
 # -- frozen clocks ---------------------------------------------------------------------

@@ -1,0 +1,499 @@
+"""A run that asks for no template costs nothing; the first request still does everything.
+
+Start-up imports no core module and touches no file; the lock dir, its mode pin and the
+store are made on the first template request, in whichever process comes first. The
+per-run default lock dirs of the last few runs stay behind for inspection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import env_without_leaks
+
+from pytest_prewarm.exceptions import LockDirError
+from pytest_prewarm.layout import MODE_FILE, RUN_RECORD, TAG_FILE
+from pytest_prewarm.lockdir import (
+    RUN_DIR_PREFIX,
+    check_at_start,
+    open_run_dir,
+    read_pin,
+    sweep_orphans,
+)
+from pytest_prewarm.owner import read_record
+
+UNUSED = """
+    def test_one():
+        pass
+
+
+    def test_two(tmp_path_factory):
+        assert tmp_path_factory is not None
+"""
+
+USES = """
+    import os
+    from pathlib import Path
+
+
+    def build(path):
+        (path / "data.txt").write_text("built")
+
+
+    def test_a(prewarmed_template):
+        template = prewarmed_template("db", build)
+        assert (template / "data.txt").read_text() == "built"
+        Path(os.environ["WHERE"]).write_text(os.fspath(template))
+
+
+    def test_b(prewarmed_template):
+        assert (prewarmed_template("db", build) / "data.txt").read_text() == "built"
+"""
+
+
+def run_inner(
+    suite_dir: Path, temp_root: Path, *args: str, bound: float = 90
+) -> subprocess.CompletedProcess[str]:
+    env = env_without_leaks()
+    env.update(TMPDIR=str(temp_root), WHERE=str(suite_dir / "where.txt"))
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        cwd=suite_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=bound,
+        check=False,
+    )
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> tuple[Path, Path]:
+    """(suite dir, empty temp root that the inner run takes as its TMPDIR)."""
+    suite_dir = tmp_path / "suite"
+    suite_dir.mkdir()
+    temp_root = tmp_path / "tmp"
+    temp_root.mkdir()
+    return suite_dir, temp_root
+
+
+def write(suite_dir: Path, source: str) -> None:
+    (suite_dir / "test_it.py").write_text(textwrap.dedent(source))
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+# -- a run that asks for no template ------------------------------------------------------
+
+
+def test_importing_the_plugin_loads_no_core_module() -> None:
+    code = (
+        "import sys, pytest, pytest_prewarm.plugin\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pytest_prewarm')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert json.loads(out.replace("'", '"')) == [
+        "pytest_prewarm",
+        "pytest_prewarm._version",
+        "pytest_prewarm.console",
+        "pytest_prewarm.plugin",
+    ]
+
+
+def test_a_run_without_templates_creates_nothing_and_prints_no_header(layout):
+    # (A test that takes the prewarmed_template fixture asks for templates: its setup
+    # makes the lock dir, so that the first call goes straight to the lock.)
+    suite_dir, temp_root = layout
+    write(suite_dir, UNUSED)
+
+    result = run_inner(suite_dir, temp_root, "-p", "no:xdist")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert tree(temp_root) == []  # no lock dir, no probe file, nothing
+    assert not [line for line in result.stdout.splitlines() if line.startswith("prewarm")]
+    assert "prewarm summary" not in result.stdout
+
+
+def test_a_run_without_templates_under_xdist_creates_no_lock_dir(layout):
+    suite_dir, temp_root = layout
+    write(suite_dir, UNUSED)
+
+    result = run_inner(suite_dir, temp_root, "-n", "2")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    # xdist's workers make pytest's own basetemp; nothing of ours is there.
+    assert [p for p in tree(temp_root) if "prewarm" in p] == []
+    assert "prewarm: lock dir" not in result.stdout
+
+
+def test_an_explicit_lock_dir_is_checked_at_start_up_but_made_on_first_use(layout):
+    suite_dir, temp_root = layout
+    write(suite_dir, UNUSED)
+    lock_dir = suite_dir / "new" / "locks"
+
+    unused = run_inner(suite_dir, temp_root, "-n", "2", f"--prewarm-lock-dir={lock_dir}", "-v")
+
+    assert unused.returncode == 0, unused.stdout + unused.stderr
+    assert not (suite_dir / "new").exists()
+    assert f"prewarm: lock dir {lock_dir} (--prewarm-lock-dir), lock mode auto" in unused.stdout
+    write(suite_dir, USES)
+    used = run_inner(suite_dir, temp_root, "-n", "2", f"--prewarm-lock-dir={lock_dir}")
+    assert used.returncode == 0, used.stdout + used.stderr
+    assert (lock_dir / TAG_FILE).is_file()
+    assert read_pin(lock_dir) is not None
+
+
+# -- the first request does all of it, in every mode --------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["auto", "flock", "lease"])
+@pytest.mark.parametrize("workers", ["0", "3"])
+def test_the_first_request_prepares_the_default_lock_dir(layout, mode, workers):
+    suite_dir, temp_root = layout
+    write(suite_dir, USES)
+
+    result = run_inner(suite_dir, temp_root, "-n", workers, f"--prewarm-lock-mode={mode}")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run_dir,) = temp_root.glob(f"{RUN_DIR_PREFIX}*")
+    template = Path((suite_dir / "where.txt").read_text())
+    assert template.is_relative_to(run_dir / "templates")
+    assert (template / "data.txt").read_text() == "built"  # kept after the run
+    expected = "lease" if mode == "lease" else "flock"
+    assert read_pin(run_dir) == expected
+    # The run record names the controller, which outlived every worker, not a worker.
+    record = read_record(run_dir / RUN_RECORD)
+    assert record is not None
+    assert record.worker == "main"
+    summary = result.stdout
+    assert f"prewarm: lock dir {run_dir} (per-run default), lock mode {expected}" in summary
+    assert f"prewarm: this run's templates stay in {run_dir}" in summary
+
+
+def test_processes_that_open_one_run_dir_together_all_get_it_whole(tmp_path):
+    # Eight processes race to be first; each must end with the tag and the run record.
+    path = tmp_path / f"{RUN_DIR_PREFIX}race"
+    code = textwrap.dedent(
+        f"""
+        import os, sys
+        from pathlib import Path
+        from pytest_prewarm.lockdir import open_run_dir
+        from pytest_prewarm.layout import TAG_FILE, RUN_RECORD
+        go = Path(sys.argv[1])
+        while not go.exists():
+            pass
+        open_run_dir(Path({str(path)!r}), "race", {os.getpid()})
+        assert (Path({str(path)!r}) / TAG_FILE).is_file()
+        assert (Path({str(path)!r}) / RUN_RECORD).is_file()
+        print("ok")
+        """
+    )
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(go)], stdout=subprocess.PIPE, text=True)
+        for _ in range(8)
+    ]
+    go.write_text("")
+    outs = [proc.communicate(timeout=60)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 8
+    assert outs == ["ok\n"] * 8
+    record = read_record(path / RUN_RECORD)
+    assert record is not None
+    assert record.pid == os.getpid()
+
+
+def test_a_run_dir_name_taken_by_a_symlink_is_refused(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    path = tmp_path / f"{RUN_DIR_PREFIX}taken"
+    path.symlink_to(target)
+
+    with pytest.raises(LockDirError, match="is a symbolic link"):
+        open_run_dir(path, "taken", os.getpid())
+    assert list(target.iterdir()) == []
+
+
+def test_the_start_up_check_refuses_without_creating(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    with pytest.raises(LockDirError, match="exists and is not a directory"):
+        check_at_start(a_file, "--prewarm-lock-dir")
+    with pytest.raises(LockDirError, match="cannot create lock dir"):
+        check_at_start(a_file / "below", "--prewarm-lock-dir")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(LockDirError, match="is not empty"):
+        check_at_start(foreign, "--prewarm-lock-dir")
+    check_at_start(tmp_path / "new" / "deeper", "--prewarm-lock-dir")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    check_at_start(tmp_path / "empty", "--prewarm-lock-dir")
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores mode bits")
+def test_the_start_up_check_refuses_an_unwritable_parent(tmp_path):
+    parent = tmp_path / "read-only"
+    parent.mkdir(mode=0o500)
+    with pytest.raises(LockDirError, match="is not writable"):
+        check_at_start(parent / "locks", "--prewarm-lock-dir")
+
+
+# -- the last runs' default lock dirs stay inspectable -------------------------------------
+
+
+def test_the_last_three_runs_default_lock_dirs_are_kept_and_older_ones_removed(layout):
+    suite_dir, temp_root = layout
+    write(suite_dir, USES)
+    # Not ours to remove: another tool's dir with our prefix and no tag, and a tagged dir
+    # whose creator is alive (this process).
+    untagged = temp_root / f"{RUN_DIR_PREFIX}not-ours"
+    untagged.mkdir()
+    alive = temp_root / f"{RUN_DIR_PREFIX}alive"
+    open_run_dir(alive, "alive", os.getpid())
+
+    templates = []
+    for _ in range(4):
+        result = run_inner(suite_dir, temp_root, "-p", "no:xdist")
+        assert result.returncode == 0, result.stdout + result.stderr
+        templates.append(Path((suite_dir / "where.txt").read_text()))
+        assert f"prewarm: this run's templates stay in {templates[-1].parents[2]}" in (
+            result.stdout
+        )
+
+    assert not templates[0].parents[2].exists()  # the fourth-oldest is gone
+    for template in templates[1:]:
+        assert (template / "data.txt").read_text() == "built"
+    assert untagged.is_dir()
+    assert alive.is_dir()
+    assert sorted(temp_root.glob(f"{RUN_DIR_PREFIX}*")) == sorted(
+        [untagged, alive, *(t.parents[2] for t in templates[1:])]
+    )
+
+
+def test_keep_runs_zero_removes_the_dir_at_the_end_of_its_run(layout):
+    suite_dir, temp_root = layout
+    write(suite_dir, USES)
+
+    result = run_inner(suite_dir, temp_root, "-p", "no:xdist", "--prewarm-keep-runs=0")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert list(temp_root.glob(f"{RUN_DIR_PREFIX}*")) == []
+    assert "templates stay in" not in result.stdout
+
+
+def test_a_bad_keep_runs_value_is_a_usage_error(layout):
+    suite_dir, temp_root = layout
+    write(suite_dir, UNUSED)
+
+    result = run_inner(suite_dir, temp_root, "--prewarm-keep-runs=-1")
+
+    assert result.returncode == pytest.ExitCode.USAGE_ERROR
+    assert "'-1' from --prewarm-keep-runs is not valid" in result.stderr
+
+
+def test_the_sweep_keeps_the_newest_ended_runs(tmp_path):
+    dead = []
+    for index in range(5):
+        path = tmp_path / f"{RUN_DIR_PREFIX}{index}"
+        # A pid that cannot be alive: a real process that has exited and been reaped.
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        open_run_dir(path, str(index), os.getpid())
+        os.utime(path / RUN_RECORD, (1000 + index, 1000 + index))
+        dead.append(path)
+        _rewrite_pid(path / RUN_RECORD, child.pid)
+
+    removed = sweep_orphans(tmp_path, keep=2)
+
+    assert sorted(removed) == sorted(dead[:3])
+    assert [p.exists() for p in dead] == [False, False, False, True, True]
+    assert (dead[4] / MODE_FILE).exists() is False  # untouched: nothing added either
+
+
+def _rewrite_pid(record: Path, pid: int) -> None:
+    stamp = record.stat().st_mtime
+    data = json.loads(record.read_text())
+    data["pid"] = pid
+    record.write_text(json.dumps(data))
+    os.utime(record, (stamp, stamp))
+
+
+# -- a run with many waits writes its report quickly --------------------------------------
+
+
+def test_the_json_report_is_indented_with_its_lists_of_records_on_one_line():
+    from pytest_prewarm.events import TemplateEvent
+    from pytest_prewarm.report import dumps, to_json
+
+    events = [
+        TemplateEvent("db", f"gw{i}", "waited", wait_seconds=0.5, built_by="gw0", pid=i)
+        for i in range(3)
+    ]
+    data = to_json(events, {"lock_dir": "/x"})
+
+    text = dumps(data)
+
+    assert json.loads(text) == data
+    assert '  "settings": {\n    "lock_dir": "/x"\n  },' in text
+    (events_line,) = [line for line in text.splitlines() if line.startswith('  "events": [')]
+    assert json.loads(events_line.split(": ", 1)[1].rstrip(",")) == data["events"]
+    assert '      "name": "db",' in text  # a template (it holds lists) is indented
+    for value in ({"events": []}, {"a": [[1], [2]]}, {"a": {}}):
+        assert json.loads(dumps(value)) == value
+
+
+def test_an_event_round_trips_through_its_dict():
+    from pytest_prewarm.events import TemplateEvent
+
+    event = TemplateEvent("db", "gw1", "built", build_seconds=1.5, recovered_from="gw0")
+
+    data = event.to_dict()
+
+    assert TemplateEvent.from_dict(data) == event
+    assert data["outcome"] == "built"
+    assert type(data["outcome"]) is str
+
+
+# -- the mode pin settles every process on one mode ---------------------------------------
+
+
+def test_auto_takes_the_pinned_mode_without_probing_and_a_request_must_match(tmp_path):
+    from pytest_prewarm.kinds import LockMode
+    from pytest_prewarm.lockdir import pin_mode, prepare, settle_mode
+
+    lock_dir = prepare(tmp_path / "locks", "test")
+    pin_mode(lock_dir, LockMode.LEASE, "requested")
+
+    mode, why = settle_mode(lock_dir, "auto")
+
+    assert mode is LockMode.LEASE
+    assert "pinned in the lock dir" in why
+    assert settle_mode(lock_dir, "lease") == (LockMode.LEASE, "requested")
+    with pytest.raises(LockDirError, match="is used in lease mode, but this run would use flock"):
+        settle_mode(lock_dir, "flock")
+    assert not list(lock_dir.glob(".prewarm-flock-probe-*"))
+
+
+def test_processes_settling_a_fresh_lock_dir_together_agree(tmp_path):
+    lock_dir = tmp_path / "locks"
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        from pytest_prewarm.lockdir import prepare, settle_mode
+        go = Path(sys.argv[1])
+        while not go.exists():
+            pass
+        path = prepare(Path({str(lock_dir)!r}), "test")
+        print(settle_mode(path, "auto")[0])
+        """
+    )
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(go)], stdout=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
+    go.write_text("")
+    outs = [proc.communicate(timeout=60)[0] for proc in procs]
+
+    assert [proc.returncode for proc in procs] == [0] * 6
+    assert set(outs) == {"flock\n"}
+    assert read_pin(lock_dir) == "flock"
+
+
+MARKED = """
+    import pytest
+    import pytest_prewarm
+
+
+    @pytest_prewarm.template("db")
+    def build(path):
+        (path / "data.txt").write_text("built")
+
+
+    @pytest.mark.prewarm("db")
+    def test_marked(prewarmed):
+        assert (prewarmed["db"].path / "data.txt").read_text() == "built"
+"""
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_mode_that_disagrees_with_the_pin_fails_the_tests_that_need_a_template(layout, workers):
+    from pytest_prewarm.kinds import LockMode
+    from pytest_prewarm.lockdir import pin_mode, prepare
+
+    suite_dir, temp_root = layout
+    write(suite_dir, MARKED)
+    (suite_dir / "conftest.py").write_text("")
+    lock_dir = prepare(suite_dir / "locks", "test")
+    pin_mode(lock_dir, LockMode.LEASE, "requested")
+
+    result = run_inner(
+        suite_dir,
+        temp_root,
+        "-n",
+        workers,
+        f"--prewarm-lock-dir={lock_dir}",
+        "--prewarm-lock-mode=flock",
+    )
+
+    # Found at the first request (the eager build's), reported by the test that needs it.
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "is used in lease mode, but this run would use flock mode" in result.stdout
+    assert "1 error" in result.stdout
+    assert not (lock_dir / "templates").exists()
+
+
+def test_the_lock_modes_the_options_accept_are_the_lock_modes():
+    from pytest_prewarm.config import LOCK_MODES
+    from pytest_prewarm.kinds import LockMode
+
+    assert tuple(mode.value for mode in LockMode) == LOCK_MODES
+
+
+def test_a_run_dir_that_cannot_be_made_is_a_lock_dir_error(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+
+    with pytest.raises(LockDirError, match="cannot create a per-run lock dir in"):
+        open_run_dir(a_file / f"{RUN_DIR_PREFIX}x", "x", os.getpid())
+
+
+def test_the_report_names_the_pinned_mode_or_the_requested_one(tmp_path):
+    from pytest_prewarm.config import Setting, Settings
+    from pytest_prewarm.kinds import LockMode
+    from pytest_prewarm.lockdir import pin_mode, prepare
+    from pytest_prewarm.state import State
+
+    lock_dir = tmp_path / "locks"
+    settings = Settings(
+        lock_dir=Setting(lock_dir, "--prewarm-lock-dir"),
+        timeout=Setting(30.0, "default"),
+        rebuild=False,
+        notice_after=Setting(10.0, "default"),
+        report_top=10,
+        json_path=None,
+        lock_mode=Setting("auto", "default"),
+        stale_after=Setting(15.0, "default"),
+    )
+    state = State(settings, run_id="r", worker="main", controller_pid=os.getpid())
+
+    assert state.mode_in_use() == ("auto", "not chosen: no template was used")
+    assert not lock_dir.exists()  # asking cost nothing
+    pin_mode(prepare(lock_dir, "test"), LockMode.LEASE, "requested")
+    assert state.mode_in_use()[0] == "lease"
+    assert "pinned in the lock dir" in state.mode_in_use()[1]
+    state.reported_mode = ("flock", "auto: ext4 filesystem supports flock")
+    assert state.mode_in_use() == ("flock", "auto: ext4 filesystem supports flock")
