@@ -268,17 +268,17 @@ def test_the_last_three_runs_default_lock_dirs_are_kept_and_older_ones_removed(l
         result = run_inner(suite_dir, temp_root, "-p", "no:xdist")
         assert result.returncode == 0, result.stdout + result.stderr
         templates.append(Path((suite_dir / "where.txt").read_text()))
-        assert f"prewarm: this run's templates stay in {templates[-1].parents[2]}" in (
+        assert f"prewarm: this run's templates stay in {templates[-1].parents[3]}" in (
             result.stdout
         )
 
-    assert not templates[0].parents[2].exists()  # the fourth-oldest is gone
+    assert not templates[0].parents[3].exists()  # the fourth-oldest is gone
     for template in templates[1:]:
         assert (template / "data.txt").read_text() == "built"
     assert untagged.is_dir()
     assert alive.is_dir()
     assert sorted(temp_root.glob(f"{RUN_DIR_PREFIX}*")) == sorted(
-        [untagged, alive, *(t.parents[2] for t in templates[1:])]
+        [untagged, alive, *(t.parents[3] for t in templates[1:])]
     )
 
 
