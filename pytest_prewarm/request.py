@@ -309,14 +309,6 @@ class TemplateStore:
         for leftover in self.layout.trash.iterdir():
             delete_in_background(leftover)
 
-    def forget_run(self) -> None:
-        """Remove this run's failure records; a later run must try again anyway."""
-        for path in self.layout.failures_of_run(self.run_id):
-            try:
-                path.unlink()
-            except OSError:
-                continue
-
     def services(self) -> Any:
         """This process's ``reaper.RunServices``: made, and reaper.py loaded, on first use."""
         if self._services is None:

@@ -28,15 +28,14 @@ class _NotJSON(Exception):
         self.what = what
 
 
-def json_round_trip(returned: Any, name: str, moved: tuple[str, str] | None = None) -> Any:
+def json_round_trip(returned: Any, name: str) -> Any:
     """The value as every process receives it: its JSON round trip.
 
-    An os.PathLike anywhere in it becomes its str (``str(os.fspath(value))``); one inside
-    the build dir ``moved[0]`` becomes the same path inside ``moved[1]``, where the
-    template is published. Anything else that is not JSON is refused in one line naming
-    its type and where it sits.
+    An os.PathLike anywhere in it becomes its str (``str(os.fspath(value))``): the build
+    dir is the published template, so a path into it stays true. Anything else that is
+    not JSON is refused in one line naming its type and where it sits.
     """
-    convert = _ToJSON(moved)
+    convert = _ToJSON()
     try:
         text = json.dumps(returned, allow_nan=False, default=convert.default)
     except (TypeError, ValueError, RecursionError):
@@ -60,22 +59,16 @@ _NOT_JSON = "which is not JSON-serialisable"
 
 
 class _ToJSON:
-    """Paths as str (moved to where the template is published), tuples as lists; raises
+    """Paths as str (a template is used where it was built), tuples as lists; raises
     _NotJSON naming the first thing that JSON cannot hold."""
 
-    def __init__(self, moved: tuple[str, str] | None) -> None:
-        self.moves = []
-        if moved is not None:  # the build dir as given and resolved, to the published one
-            self.moves = [(old, moved[1]) for old in {moved[0], os.path.realpath(moved[0])}]
+    def __init__(self) -> None:
         self.active: set[int] = set()  # containers on the way down: a cycle is an error
 
     def path(self, value: os.PathLike[Any]) -> str | None:
         path = os.fspath(value)
         if not isinstance(path, str):
             return None
-        for old, new in self.moves:
-            if path == old or path.startswith(old + os.sep):
-                return new + path[len(old) :]
         return path
 
     def default(self, value: Any) -> str:

@@ -14,6 +14,7 @@ from conftest import fill_up
 
 from pytest_prewarm import PrewarmBuildError, PrewarmTimeout, PrewarmUsageError, Template
 from pytest_prewarm.exceptions import PrewarmLockError
+from pytest_prewarm.lockdir import forget_run
 from pytest_prewarm.names import canonical_key, file_stem, key_digest
 from pytest_prewarm.registry import Registry
 from pytest_prewarm.request import Request, TemplateStore, make_request
@@ -396,7 +397,7 @@ def test_forgetting_a_run_removes_its_failure_records_only(tmp_path):
     planted = tmp_path / "failures" / tid("d") / "run-1.json"
     planted.mkdir(parents=True)  # not a record: it cannot be unlinked, and is left alone
 
-    store(tmp_path).forget_run()
+    forget_run(tmp_path, "run-1")  # what the end of a run sharing the lock dir does
 
     failures = tmp_path / "failures"
     remaining = sorted(p.relative_to(failures) for p in failures.rglob("*.json"))

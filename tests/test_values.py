@@ -71,32 +71,15 @@ def test_paths_as_dict_keys_become_their_str_and_other_keys_stay_json_keys(tmp_p
     }
 
 
-def test_paths_inside_the_build_dir_move_to_where_it_is_published_as_given_and_resolved(
-    tmp_path,
-):
-    real = tmp_path / "real-staging"
-    (real / "data").mkdir(parents=True)
-    linked = tmp_path / "linked-staging"
-    linked.symlink_to(real, target_is_directory=True)
-    build_dir, published = str(linked / "data"), str(tmp_path / "templates" / "db" / "data")
-    value = {
-        "as_given": Path(build_dir) / "db.sqlite",
-        "resolved": real / "data" / "db.sqlite",
-        "itself": Path(build_dir),
-        Path(build_dir) / "key": "a path key moves too",
-        "beside": Path(build_dir + "-other") / "x",  # a longer name is not inside it
-        "outside": tmp_path / "elsewhere",
-    }
+def test_paths_in_a_value_become_their_str_where_they_are_as_keys_and_values(tmp_path):
+    # The build dir is the published template (in place): nothing is rewritten.
+    data = tmp_path / "templates" / "db" / "1-0badc0de" / "data"
+    value = {"db": data / "db.sqlite", "itself": data, data / "key": "a path key too"}
 
-    moved = json_round_trip(value, "db", (build_dir, published))
-
-    assert moved == {
-        "as_given": published + "/db.sqlite",
-        "resolved": published + "/db.sqlite",
-        "itself": published,
-        published + "/key": "a path key moves too",
-        "beside": build_dir + "-other/x",
-        "outside": str(tmp_path / "elsewhere"),
+    assert json_round_trip(value, "db") == {
+        "db": str(data / "db.sqlite"),
+        "itself": str(data),
+        str(data / "key"): "a path key too",
     }
 
 
