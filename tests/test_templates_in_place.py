@@ -444,3 +444,33 @@ def test_bad_configure_and_a_single_layer_name_in_a_request(tmp_path):
     single = make(requires="base")  # one name, not a sequence of its letters
     template = store(tmp_path).get(single)
     assert json.loads(template.value["on"]) == {"base": str(base.calls[0])}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
+def test_a_manifest_that_is_not_a_file_of_ours_is_not_read_and_the_template_is_built_again(
+    tmp_path, kind
+):
+    build = Builder()
+    first = store(tmp_path / "locks", run_id="ci-1").get(request(build))
+    as_if_restored_elsewhere(tmp_path / "locks")
+    victim = tmp_path / "victim.txt"
+    genuine = manifest(first.path)
+    victim.write_text(genuine)  # a manifest that would verify, if it were followed
+    planted = first.path.parent / "manifest"
+    planted.unlink()
+    if kind == "fifo":
+        os.mkfifo(planted)  # opened for reading, it would block for ever
+    elif kind == "symlink":
+        planted.symlink_to(victim)
+    else:
+        planted.mkdir()
+    events = []
+
+    fresh = store(tmp_path / "locks", run_id="ci-2")
+    fresh.on_event = events.append
+    again = fresh.get(request(build))
+
+    assert len(build.calls) == 2
+    assert again.origin == "built"
+    assert "its manifest does not match its digest" in (events[0].note or "")
+    assert victim.read_text() == genuine  # outside the lock dir: read by nobody, unchanged
