@@ -87,6 +87,7 @@ def logged(pytester: pytest.Pytester) -> list[dict[str, Any]]:
 FOUR_CONFTEST = """
     import time
 
+    import pytest
     import pytest_prewarm
     from build_log import HERE, log_build, wait_until
 
@@ -111,6 +112,19 @@ FOUR_CONFTEST = """
 
     for name in NAMES:
         register(name)
+
+
+    @pytest.hookimpl(tryfirst=True)  # before the plugin's: it fetches the marked templates
+    def pytest_runtest_setup(item):
+        # A test asks only once every worker's eager walk has started its first template.
+        # Else a worker whose collection ends late (a loaded machine) finds its template
+        # taken by another worker's test setup, and the test would measure the scheduler.
+        # Built one after another, the four never all start, and this times out.
+        started = HERE / "started"
+        wait_until(
+            lambda: started.is_dir() and len(list(started.iterdir())) == len(NAMES),
+            "all four eager builds to start",
+        )
 """
 
 FOUR_TESTS = """
