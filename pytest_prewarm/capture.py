@@ -303,7 +303,10 @@ class _FdTee:
     def __init__(self, fd: int, output: BuildOutput) -> None:
         self.fd = fd
         self._output = output
-        self._token = os.urandom(16)
+        # The token starts with 0xFF, a byte UTF-8 never uses: the pump holds back the end
+        # of a read that could be the token's start, and text must never be held (a held
+        # newline would join the next line from the other fd and stall the live output).
+        self._token = b"\xff" + os.urandom(15)
         self._reached = threading.Event()
         self._saved = os.dup(fd)  # where the fd went; raises OSError if fd is closed
         opened = [self._saved]

@@ -423,3 +423,22 @@ def test_the_end_token_is_found_across_reads_only_as_a_proper_start():
     assert capture._prefix_overlap(b"TOKEN", token) == 0  # the whole token is found, not held
     assert capture._prefix_overlap(b"", token) == 0
     assert capture._prefix_overlap(b"KEN", token) == 0
+
+
+def test_a_line_of_text_is_logged_and_passed_on_at_once_whatever_the_token_draws(
+    tmp_path, monkeypatch, capfd
+):
+    # A token drawn as newlines would once hold back every line's end until the next
+    # write: stderr's last newline came after stdout's next line, joining the two lines.
+    monkeypatch.setattr(os, "urandom", lambda size: b"\n" * size)
+    passed = Passed(capfd)
+    log = tmp_path / "build.partial"
+    with output(tmp_path) as out:
+        os.write(2, b"from stderr\n")
+        wait_until(lambda: log.read_bytes().endswith(b"from stderr\n"), what="the line logged")
+        wait_until(lambda: "from stderr\n" in passed.read(), what="the line passed on whole")
+        os.write(1, b"from stdout\n")
+        wait_until(lambda: log.read_bytes().endswith(b"from stdout\n"), what="the next line")
+
+    assert log.read_bytes() == b"header line\nfrom stderr\nfrom stdout\n"
+    assert out.tail() == "from stderr\nfrom stdout"
