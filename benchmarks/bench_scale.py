@@ -455,7 +455,7 @@ def bench_waits(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             events = log.merged()
             summaries = summarize(events)  # as the plugin does: once for both
             lines = format_summary(events, top=10, summaries=summaries)
-            data = to_json(events, {"lock_dir": "x"}, summaries)
+            data = to_json(events, {"lock_dir": "x"}, summaries=summaries)
             (work / f"report-{count}-{round_no}.json").write_text(dumps(data))
             seconds.append(time.perf_counter() - start)
             assert len(data["events"]) == count

@@ -1,0 +1,59 @@
+"""The benchmarks keep running: each script starts, and bench_scale's in-process parts run.
+
+The benchmarks are not timed here (figures live in benchmarks/README.md); this only catches
+a script broken by a change to the package's API, as a change of ``report.to_json`` once
+broke the 10,000-waits benchmark without any test noticing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "harness.py")
+
+
+def test_there_are_benchmarks_to_check() -> None:
+    assert "bench_scale.py" in SCRIPTS
+    assert "bench_cost.py" in SCRIPTS
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_benchmark_script_starts(script: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout
+
+
+def test_the_in_process_scale_parts_run_and_print_json(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_scale.py"),
+            *("--only", "waits,lockdir", "--waits", "10,100", "--published", "0,10"),
+            *("--rounds", "1", "--json", "--output", str(results)),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert [row["waits"] for row in data["waits"]] == [10, 100]
+    assert all(row["summary_and_json_ms"] > 0 for row in data["waits"])
+    assert [row["published"] for row in data["lockdir"]] == [0, 10]
+    assert data["lockdir"][1]["get_one_ms"] > 0
+    assert json.loads(results.read_text())["waits"] == data["waits"]
