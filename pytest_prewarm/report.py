@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 from .events import TemplateEvent
@@ -76,8 +77,12 @@ def summarize(events: Iterable[TemplateEvent]) -> list[TemplateSummary]:
     """Group events by template, in first-seen order."""
     by_name: dict[str, TemplateSummary] = {}
     for event in events:
-        summary = by_name.setdefault(event.template, TemplateSummary(event.template))
-        if event.outcome == Outcome.SUPPLIED:
+        summary = by_name.get(event.template)
+        if summary is None:  # not setdefault: a summary made per event cost 10,000 objects
+            summary = by_name[event.template] = TemplateSummary(event.template)
+        if event.outcome == Outcome.WAITED:  # the common case first; it is only a wait
+            summary.waits.append(event)
+        elif event.outcome == Outcome.SUPPLIED:
             summary.supplied.append(event)
         elif event.outcome == Outcome.BUILT:
             summary.builds.append(event)
@@ -252,13 +257,25 @@ def _encode(value: Any, depth: int) -> str:
     if isinstance(value, dict) and value:
         rows = [f"{pad}  {json.dumps(k)}: {_encode(v, depth + 1)}" for k, v in value.items()]
         return "{\n" + ",\n".join(rows) + f"\n{pad}}}"
-    if isinstance(value, list) and not all(map(_flat, value)):
+    if isinstance(value, list) and not _flat_list(value):
         rows = [f"{pad}  {_encode(item, depth + 1)}" for item in value]
         return "[\n" + ",\n".join(rows) + f"\n{pad}]"
     return json.dumps(value)
 
 
+def _flat_list(items: list[Any]) -> bool:
+    """Whether no item is a list and no dict item holds a dict or a list."""
+    if _DICT_ONLY.issuperset(map(type, items)):
+        # 10,000 events and 10,000 waits: every value's type gathered in C, no call per record.
+        return _NESTED.isdisjoint(map(type, chain.from_iterable(map(dict.values, items))))
+    return all(map(_flat, items))
+
+
 def _flat(item: Any) -> bool:
     if isinstance(item, dict):
-        return not any(isinstance(v, dict | list) for v in item.values())
+        return _NESTED.isdisjoint(map(type, item.values()))
     return not isinstance(item, list)
+
+
+_NESTED = frozenset((dict, list))
+_DICT_ONLY = frozenset((dict,))
