@@ -59,6 +59,7 @@ from .names import canonical_key, check_name
 from .records import Meta, failure_to_json, hold_id, read_failure
 from .registry import Registry
 from .supply import Supplied
+from .teardown import Instance
 from .trust import check_dir, is_mine, kind_of, make_dir, remove_tree
 from .values import json_round_trip, type_name
 
@@ -640,18 +641,82 @@ class _Fetch:
         instance, teardown = None, self.request.teardown
         if teardown is not None:
             instance = self.store.services().begin(self.request.name, self.tid, data, teardown)
-        started = clock.monotonic()
+
+        def failed(exc: BaseException, output: BuildOutput, seconds: float) -> PrewarmBuildError:
+            return self._failed(exc, output, attempt, waited, seconds, recovered)
+
         output = self._capture(data)
         before = _ProcessState()
+        # The capture ends after the release, not when the builder returns: ending it waits
+        # for its pump threads to drain the pipes, which at -n 8 on two cores cost waiters
+        # milliseconds of wake-up. Only our own code runs in between, and it prints nothing.
+        try:
+            with output:
+                value, build_seconds = self._run_builder(data, attempt, instance, output, failed)
+                meta = Meta(
+                    name=self.name,
+                    key=self.canonical,
+                    value=value,
+                    built_by=self.store.worker,
+                    pid=os.getpid(),
+                    run_id=self.store.run_id,
+                    boot_id=self.store.boot_id,
+                    build_seconds=build_seconds,
+                    published_at=clock.wall(),
+                    holder=hold_id(self.lock.held_by()),
+                    requires={n: t.identity for n, t in self.layers.items()} or None,
+                )
+                if instance is not None:
+                    # Before publishing: a service that runs is torn down even if publishing
+                    # fails.
+                    self.store.services().built(instance, data, value)
+                try:
+                    meta = self._publish(attempt, meta, previous)
+                except OSError as exc:
+                    # Publishing failed in the lock dir itself (a full disk writing
+                    # meta.json): the staging goes at once, and the failure is recorded like
+                    # a build's, so every other process of the run fails fast instead of
+                    # building again.
+                    output.stop()
+                    self._trash(attempt, now=True)
+                    raise failed(exc, output, build_seconds) from None
+                # Release before any bookkeeping: waiters are woken by the release, and
+                # every microsecond spent here is added to each of their waits.
+                self.lock.release(finished=True)
+        finally:
+            output.discard()  # a no-op after a failure's log was saved
+        self._event(
+            Outcome.BUILT,
+            waited,
+            build_seconds=build_seconds,
+            built_by=self.store.worker,
+            recovered_from=recovered,
+            note=reason,
+        )
+        if self.request.configure is None:
+            before.warn_if_changed(self.name)
+        return self._template(meta, Origin.BUILT)
+
+    def _run_builder(
+        self,
+        data: Path,
+        attempt: Path,
+        instance: Instance | None,
+        output: BuildOutput,
+        failed: Callable[[BaseException, BuildOutput, float], PrewarmBuildError],
+    ) -> tuple[Any, float]:
+        """Call the builder, with its output captured; its JSON value and how long it took."""
+        __tracebackhide__ = True  # users need the builder's frames, not ours
+        started = clock.monotonic()
         try:
             # The build's stdout and stderr, teed to its log (see capture.py); with a
             # teardown, each service it starts is recorded as it starts.
-            with output, self.store.services().watch(instance):
+            with self.store.services().watch(instance):
                 returned = self._call_builder(data)
-            value = json_round_trip(returned, self.name)
-            output.discard()
+            return json_round_trip(returned, self.name), clock.monotonic() - started
         except Exception as exc:
             build_seconds = clock.monotonic() - started
+            output.stop()  # all it wrote drained from the pipes, before its tail is taken
             # On a full disk the staging goes at once, not in the background: the failure
             # record (which lets every other process fail fast) needs the room.
             self._trash(attempt, now=isinstance(exc, OSError) and exc.errno in DISK_FULL)
@@ -664,53 +729,13 @@ class _Fetch:
                 raise lost from exc
             # Not chained: the message holds the traceback, the same text every waiter
             # shows, and a chained exception would print it a second time.
-            raise self._failed(exc, output, attempt, waited, build_seconds, recovered) from None
+            raise failed(exc, output, build_seconds) from None
         except BaseException:
             # Interrupted (Ctrl-C, pytest.exit, a timeout plugin): not the builder's fault,
             # so no failure record; the next run or worker builds afresh.
             output.discard()
             self._trash(attempt)
             raise
-        build_seconds = clock.monotonic() - started
-        meta = Meta(
-            name=self.name,
-            key=self.canonical,
-            value=value,
-            built_by=self.store.worker,
-            pid=os.getpid(),
-            run_id=self.store.run_id,
-            boot_id=self.store.boot_id,
-            build_seconds=build_seconds,
-            published_at=clock.wall(),
-            holder=hold_id(self.lock.held_by()),
-            requires={n: t.identity for n, t in self.layers.items()} or None,
-        )
-        if instance is not None:
-            # Before publishing: a service that runs is torn down even if publishing fails.
-            self.store.services().built(instance, data, value)
-        try:
-            meta = self._publish(attempt, meta, previous)
-        except OSError as exc:
-            # Publishing failed in the lock dir itself (a full disk writing meta.json): the
-            # staging goes at once, and the failure is recorded like a build's, so every
-            # other process of the run fails fast instead of building again.
-            self._trash(attempt, now=True)
-            no_output = BuildOutput(None, "", redirect=False)
-            raise self._failed(exc, no_output, attempt, waited, build_seconds, recovered) from None
-        # Release before any bookkeeping: waiters are woken by the release, and every
-        # microsecond spent here is added to each of their waits.
-        self.lock.release(finished=True)
-        self._event(
-            Outcome.BUILT,
-            waited,
-            build_seconds=build_seconds,
-            built_by=self.store.worker,
-            recovered_from=recovered,
-            note=reason,
-        )
-        if self.request.configure is None:
-            before.warn_if_changed(self.name)
-        return self._template(meta, Origin.BUILT)
 
     def _before_building(self, waited: float) -> tuple[Meta | None, str | None, Template | None]:
         """``(published, why it is built again, None)``, or the template if it verified.
