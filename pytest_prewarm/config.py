@@ -17,6 +17,7 @@ DEFAULT_NOTICE_AFTER = 10.0
 DEFAULT_REPORT = 10
 DEFAULT_TEARDOWN_TIMEOUT = 60.0  # teardown.DEFAULT_TIMEOUT; not imported: start-up stays light
 DEFAULT_KEEP_RUNS = 3  # as pytest's tmp_path_retention_count
+MAX_AUTO_EAGER_THREADS = 16  # eager.MAX_AUTO_THREADS, for the help text; a test checks
 
 # (option suffix, ini type, help). The same help text serves the option and its ini twin.
 _OPTIONS: list[tuple[str, str, str]] = [
@@ -70,6 +71,13 @@ _OPTIONS: list[tuple[str, str, str]] = [
         "build the templates named by selected tests' prewarm markers early, in a "
         "background thread, splitting them across workers (default on). Turn off with "
         "--no-prewarm-eager for builders that must run on the main thread.",
+    ),
+    (
+        "eager-threads",
+        "string",
+        "how many eager builds one process runs side by side: a number >= 1, or auto "
+        f"(default): its share of the marked templates, at most {MAX_AUTO_EAGER_THREADS}. "
+        "Use 1 for builds too heavy on memory or CPU to run together.",
     ),
     (
         "teardown-timeout",
@@ -224,6 +232,22 @@ def _count(config: pytest.Config, suffix: str, default: int) -> int:
     return value
 
 
+def _eager_threads(config: pytest.Config) -> int | None:
+    raw = _raw(config, "eager-threads")
+    if raw is None or str(raw.value).strip().lower() == "auto":
+        return None
+    try:
+        value = int(str(raw.value).strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise pytest.UsageError(
+            f"prewarm: {raw.value!r} from {raw.source} is not valid; it must be auto or a "
+            "whole number >= 1, for example --prewarm-eager-threads=4"
+        )
+    return value
+
+
 # kinds.LockMode's values, spelt out: the enum module is not worth loading at start-up in
 # every run (a test checks the two agree). Settings carry the mode as a plain string.
 LOCK_MODES = ("auto", "flock", "lease")
@@ -347,6 +371,7 @@ class Settings(NamedTuple):
     keys_path: Path | None = None
     teardown_timeout: Setting = Setting(DEFAULT_TEARDOWN_TIMEOUT, "default")
     keep_runs: int = DEFAULT_KEEP_RUNS
+    eager_threads: int | None = None  # None: auto
 
     @property
     def heartbeat(self) -> float:
@@ -384,6 +409,7 @@ class Settings(NamedTuple):
                 config, "teardown-timeout", DEFAULT_TEARDOWN_TIMEOUT, zero_ok=False
             ),
             keep_runs=_count(config, "keep-runs", DEFAULT_KEEP_RUNS),
+            eager_threads=_eager_threads(config),
         )
 
     def as_dict(self, *, lock_dir: Path, lock_mode: str) -> dict[str, Any]:
@@ -397,6 +423,7 @@ class Settings(NamedTuple):
             "rebuild": self.rebuild,
             "notice_after": self.notice_after.value,
             "eager": self.eager,
+            "eager_threads": "auto" if self.eager_threads is None else self.eager_threads,
             "stale_after": self.stale_after.value,
             "supplied": {name: str(s.path) for name, s in self.supplied.items()},
             "teardown_timeout": self.teardown_timeout.value,

@@ -425,7 +425,18 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         requests = [state.request_for(n) for n in names]
     except PrewarmError:
         return  # no early builds; each test that needs a template gets this error itself
-    core.eager_builds = EagerBuilds(core.store, requests).start()
+    core.eager_builds = EagerBuilds(
+        core.store,
+        requests,
+        workers=_worker_count(),
+        threads=state.settings.eager_threads,
+    ).start()
+
+
+def _worker_count() -> int:
+    """How many xdist workers share the marked templates (1 without xdist)."""
+    raw = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else 1
 
 
 def _write_selection_keys(state: State, items: list[pytest.Item]) -> None:

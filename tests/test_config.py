@@ -293,3 +293,27 @@ def test_the_teardown_timeout_comes_from_the_ini_file_and_defaults_to_60(pyteste
 
     assert settings.teardown_timeout.value == 2.5
     assert settings.teardown_timeout.source.startswith("ini prewarm_teardown_timeout in ")
+
+
+# -- eager threads ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many", "2.5", ""])
+def test_a_bad_eager_thread_count_is_a_usage_error_naming_value_and_option(pytester, value):
+    text = usage_error_text(pytester.runpytest(f"--prewarm-eager-threads={value}"))
+
+    assert f"{value!r} from --prewarm-eager-threads is not valid" in text
+    assert "auto or a whole number >= 1, for example --prewarm-eager-threads=4" in text
+
+
+def test_the_eager_thread_count_is_auto_by_default_and_comes_from_option_or_ini(pytester):
+    assert Settings.from_config(pytester.parseconfig()).eager_threads is None
+    assert (
+        Settings.from_config(pytester.parseconfig("--prewarm-eager-threads=AUTO")).eager_threads
+        is None
+    )
+    ini(pytester, prewarm_eager_threads="3")
+    assert Settings.from_config(pytester.parseconfig()).eager_threads == 3
+    settings = Settings.from_config(pytester.parseconfig("--prewarm-eager-threads=1"))
+    assert settings.eager_threads == 1  # the command line wins
+    assert settings.as_dict(lock_dir=pytester.path, lock_mode="flock")["eager_threads"] == 1

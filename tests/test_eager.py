@@ -7,6 +7,7 @@ assert on that log (who built what, in which order, overlapping or not), never o
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import textwrap
@@ -54,6 +55,18 @@ LOGGING = """
             os.close(fd)
 
 
+    STARTED = HERE / "started"
+
+
+    def mark_started(name):
+        STARTED.mkdir(exist_ok=True)
+        (STARTED / name).touch()
+
+
+    def wait_all_started(count, what):
+        wait_until(lambda: STARTED.is_dir() and len(list(STARTED.iterdir())) == count, what)
+
+
     def logged():
         if not LOG.exists():
             return []
@@ -89,7 +102,7 @@ FOUR_CONFTEST = """
 
     import pytest
     import pytest_prewarm
-    from build_log import HERE, log_build, wait_until
+    from build_log import log_build, mark_started, wait_all_started
 
     NAMES = ["t0", "t1", "t2", "t3"]
 
@@ -98,13 +111,11 @@ FOUR_CONFTEST = """
         @pytest_prewarm.template(name)
         def build(path):
             start = time.monotonic()
-            started = HERE / "started"
-            started.mkdir(exist_ok=True)
-            (started / name).touch()
+            mark_started(name)
             # Finish only once all four builds have started. Built one after another
             # (a worker blocking on its first test's first template), they never would,
             # and this times out, failing the build and the run.
-            wait_until(lambda: len(list(started.iterdir())) == len(NAMES), "all four builds")
+            wait_all_started(len(NAMES), "all four builds")
             (path / "ready").write_text(name)
             log_build(name, start)
             return name
@@ -120,11 +131,7 @@ FOUR_CONFTEST = """
         # Else a worker whose collection ends late (a loaded machine) finds its template
         # taken by another worker's test setup, and the test would measure the scheduler.
         # Built one after another, the four never all start, and this times out.
-        started = HERE / "started"
-        wait_until(
-            lambda: started.is_dir() and len(list(started.iterdir())) == len(NAMES),
-            "all four eager builds to start",
-        )
+        wait_all_started(len(NAMES), "all four eager builds to start")
 """
 
 FOUR_TESTS = """
@@ -155,6 +162,88 @@ def test_four_workers_build_four_templates_at_the_same_time_once_each(
     result.stdout.fnmatch_lines(["*= prewarm summary =*"])
     for name in ("t0", "t1", "t2", "t3"):
         result.stdout.fnmatch_lines([f"{name}  built by gw? in *"])
+
+
+# -- more templates than workers: a worker builds its share side by side -------------------
+
+SHARE_CONFTEST = """
+    import os
+    import time
+
+    import pytest
+    import pytest_prewarm
+    from build_log import log_build, mark_started, wait_all_started
+
+    NAMES = [f"t{n}" for n in range(8)]
+    TOGETHER = os.environ["BUILD_TOGETHER"] == "1"
+
+
+    def register(name):
+        @pytest_prewarm.template(name)
+        def build(path):
+            start = time.monotonic()
+            mark_started(name)
+            if TOGETHER:
+                # Only eight builds running at once get past this; one at a time per
+                # worker, they never would, and the builds time out.
+                wait_all_started(len(NAMES), "all eight")
+            log_build(name, start)
+            return name
+
+
+    for name in NAMES:
+        register(name)
+
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(item):
+        if TOGETHER:  # as in the four-workers test: no test takes a template from a walk
+            wait_all_started(len(NAMES), "all eight eager builds to start")
+"""
+
+SHARE_TESTS = """
+    import pytest
+
+    pytestmark = pytest.mark.prewarm(*[f"t{n}" for n in range(8)])
+
+
+    @pytest.mark.parametrize("n", range(4))
+    def test_needs_all_eight(prewarmed, n):
+        assert sorted(t.value for t in prewarmed.values()) == sorted(prewarmed)
+"""
+
+
+def test_two_workers_build_eight_templates_four_at_a_time_each_once(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(pytester, conftest=SHARE_CONFTEST, test_share=SHARE_TESTS)
+    monkeypatch.setenv("BUILD_TOGETHER", "1")
+    result = run(pytester, "-n", "2")
+    result.assert_outcomes(passed=4)
+    builds = logged(pytester)
+    assert sorted(b["name"] for b in builds) == [f"t{n}" for n in range(8)]
+    assert max(b["start"] for b in builds) < min(b["end"] for b in builds)  # all at once
+    for worker, first in (("gw0", 0), ("gw1", 4)):  # each its own share of ceil(8 / 2)
+        mine = [b for b in builds if b["worker"] == worker]
+        assert sorted(b["name"] for b in mine) == [f"t{n}" for n in range(first, first + 4)]
+        assert len({b["thread"] for b in mine}) == 4
+        assert all(b["thread"].startswith("prewarm-eager") for b in mine)
+
+
+def test_one_eager_thread_builds_a_workers_share_one_after_another(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(pytester, conftest=SHARE_CONFTEST, test_share=SHARE_TESTS)
+    monkeypatch.setenv("BUILD_TOGETHER", "0")
+    result = run(pytester, "-n", "2", "--prewarm-eager-threads", "1")
+    result.assert_outcomes(passed=4)
+    builds = logged(pytester)
+    assert sorted(b["name"] for b in builds) == [f"t{n}" for n in range(8)]
+    eager = [b for b in builds if b["thread"] != "MainThread"]
+    assert {b["thread"] for b in eager} == {"prewarm-eager"}  # one thread per worker
+    for worker in ("gw0", "gw1"):
+        spans = sorted((b["start"], b["end"]) for b in eager if b["worker"] == worker)
+        assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))
 
 
 # -- only what the selected tests need --------------------------------------------------
@@ -303,7 +392,7 @@ def test_without_eager_each_template_is_built_when_a_test_first_needs_it(
     builds = {b["name"]: b for b in logged(pytester)}
     assert sorted(builds) == ["a", "b"]  # once each either way
     if eager:
-        assert {b["thread"] for b in builds.values()} == {"prewarm-eager"}
+        assert all(b["thread"].startswith("prewarm-eager") for b in builds.values())
         assert not builds["b"]["after_first_test"]
     else:
         # On the main thread, in the setup of the test that needs it: b only after test 1.
@@ -372,7 +461,7 @@ def test_a_failed_background_build_errors_every_test_that_needs_it(
     result.assert_outcomes(passed=4, errors=4)
     attempts = [b for b in logged(pytester) if b["name"] == "broken"]
     assert len(attempts) == 1
-    assert attempts[0]["thread"] == "prewarm-eager"
+    assert attempts[0]["thread"].startswith("prewarm-eager")
     builder = attempts[0]["worker"]
     error = re.compile(
         r"^E +pytest_prewarm\.exceptions\.PrewarmBuildError: building template 'broken' "

@@ -85,9 +85,65 @@ def test_each_worker_starts_its_walk_at_its_own_number(worker, index):
 def test_worker_k_starts_at_template_k_modulo_their_count(tmp_path):
     requests = [Request(name, str, None, 10.0) for name in ("a", "b", "c")]
 
-    walk = EagerBuilds(store(tmp_path, "gw4"), requests)
+    walk = EagerBuilds(store(tmp_path, "gw4"), requests, workers=5)
 
     assert [r.name for r in walk.requests] == ["b", "c", "a"]
+
+
+@pytest.mark.parametrize(("worker", "first"), [("gw0", "t0"), ("gw1", "t2"), ("gw3", "t6")])
+def test_with_more_templates_than_workers_each_worker_starts_at_its_own_share(
+    tmp_path, worker, first
+):
+    requests = [Request(f"t{n}", str, None, 10.0) for n in range(8)]
+
+    walk = EagerBuilds(store(tmp_path, worker), requests, workers=4)
+
+    assert walk.requests[0].name == first
+    assert sorted(r.name for r in walk.requests) == sorted(r.name for r in requests)
+    assert len(walk.threads) == 2  # its share of 8 templates on 4 workers, side by side
+
+
+@pytest.mark.parametrize(
+    ("templates", "workers", "threads", "expected"),
+    [
+        (64, 4, None, 16),  # auto: the share
+        (1000, 4, None, eager.MAX_AUTO_THREADS),  # auto: capped
+        (3, 4, None, 1),
+        (5, 1, 2, 2),  # as asked
+        (2, 1, 8, 2),  # never more threads than templates
+        (7, 2, 1, 1),  # 1: one build at a time, as before
+    ],
+)
+def test_the_number_of_eager_threads(templates, workers, threads, expected):
+    assert eager.thread_count(templates, workers, threads) == expected
+
+
+def test_the_help_text_names_the_cap_the_walk_uses():
+    from pytest_prewarm import config
+
+    assert config.MAX_AUTO_EAGER_THREADS == eager.MAX_AUTO_THREADS
+
+
+def test_a_process_builds_its_share_side_by_side(tmp_path):
+    # Four builders that each wait until all four have started: only threads that run
+    # together get through (bounded: a walk of one thread would time out here).
+    everyone = threading.Barrier(4, timeout=30)
+    names = [f"t{n}" for n in range(4)]
+
+    def build(path: Path) -> str:
+        everyone.wait()
+        return threading.current_thread().name
+
+    walk = EagerBuilds(
+        store(tmp_path), [Request(n, build, None, 30.0) for n in names], threads=4
+    ).start()
+    for thread in walk.threads:
+        thread.join(60)
+
+    assert not walk.alive()
+    values = {walk.store.get(Request(n, build, None, 30.0)).value for n in names}
+    assert values == {"prewarm-eager", "prewarm-eager-2", "prewarm-eager-3", "prewarm-eager-4"}
+    assert walk.building == []
 
 
 def test_a_request_that_fails_is_reported_and_the_walk_goes_on(tmp_path, terminal):
@@ -98,12 +154,12 @@ def test_a_request_that_fails_is_reported_and_the_walk_goes_on(tmp_path, termina
         return "ok"
 
     requests = [Request("", build, None, 10.0), Request("good", build, None, 10.0)]
-    walk = EagerBuilds(store(tmp_path), requests).start()
-    walk.thread.join(30)
+    walk = EagerBuilds(store(tmp_path), requests, threads=1).start()
+    walk.threads[0].join(30)
 
-    assert not walk.thread.is_alive()
+    assert not walk.alive()
     assert len(built) == 1
-    assert walk.current is None
+    assert walk.building == []
     (line,) = terminal.lines()
     assert line.startswith("[prewarm] eager build of '' in gw0 failed: ")
     assert "template name is empty" in line
@@ -111,7 +167,7 @@ def test_a_request_that_fails_is_reported_and_the_walk_goes_on(tmp_path, termina
 
 def test_finishing_after_the_walk_ended_waits_for_nothing_and_says_nothing(tmp_path, terminal):
     walk = EagerBuilds(store(tmp_path), [Request("db", lambda path: 1, None, 10.0)]).start()
-    walk.thread.join(30)
+    walk.threads[0].join(30)
 
     walk.finish(0.0, interrupted=False)
 
@@ -123,7 +179,7 @@ def test_after_ctrl_c_a_build_in_progress_is_abandoned_at_once(tmp_path, termina
 
     walk.finish(60.0, interrupted=True)
 
-    assert walk.thread.is_alive()  # not waited for: a daemon thread, gone with the process
+    assert walk.alive()  # not waited for: a daemon thread, gone with the process
     assert not blocked.finished.is_set()
     assert terminal.lines() == [
         "[prewarm] gw0 abandoning its eager build of 'db' "
@@ -136,7 +192,7 @@ def test_the_wait_for_a_build_in_progress_gives_up_at_the_timeout(tmp_path, term
 
     walk.finish(0.3, interrupted=False)
 
-    assert walk.thread.is_alive()
+    assert walk.alive()
     assert terminal.lines() == [
         "[prewarm] gw0 gave up waiting for its eager build of 'db' (0.3 s, the timeout, passed)"
     ]
@@ -160,7 +216,7 @@ def test_a_long_wait_says_what_it_waits_for_until_the_build_ends(
     walk.finish(60.0, interrupted=False)
     releaser.join(30)
 
-    assert not walk.thread.is_alive()
+    assert not walk.alive()
     assert len(notices) == 2
     # Nothing is said once the build has ended (it once named the build "None").
     assert all("None" not in line for line in terminal.lines())
