@@ -71,6 +71,33 @@ INNER_ADDOPTS = "-p no:hypothesispytest"
 NESTED_ENV = {"PYTEST_ADDOPTS": INNER_ADDOPTS, "PYTHONDONTWRITEBYTECODE": "1"}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_system_temp_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The system temp dir of this test process and its children: a dir of its own.
+
+    Inner runs without --prewarm-lock-dir make their default lock dirs in the system temp
+    dir, and a run whose build failed keeps its dir a day for its log: run after run, the
+    suite left hundreds of them in /tmp, and every real run's end-of-run sweep read them
+    all. pytest's own basetemp is fixed first, so it stays where pytest keeps it.
+    """
+    tmp_path_factory.getbasetemp()
+    import tempfile
+
+    before_env, before_cached = os.environ.get("TMPDIR"), tempfile.tempdir
+    private = Path(tempfile.mkdtemp(prefix="prewarm-tests-"))
+    os.environ["TMPDIR"] = str(private)
+    tempfile.tempdir = str(private)
+    try:
+        yield private
+    finally:
+        tempfile.tempdir = before_cached
+        if before_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before_env
+        shutil.rmtree(private, ignore_errors=True)
+
+
 def env_without_leaks() -> dict[str, str]:
     """os.environ for a nested pytest: without LEAKY_ENV, with NESTED_ENV."""
     env = {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}

@@ -303,10 +303,11 @@ def test_a_bad_keep_runs_value_is_a_usage_error(layout):
     assert "'-1' from --prewarm-keep-runs is not valid" in result.stderr
 
 
-def test_the_sweep_keeps_the_newest_ended_runs(tmp_path):
+def ended_runs(temp_root: Path, count: int) -> list[Path]:
+    """``count`` default dirs of runs that ended, oldest first."""
     dead = []
-    for index in range(5):
-        path = tmp_path / f"{RUN_DIR_PREFIX}{index}"
+    for index in range(count):
+        path = temp_root / f"{RUN_DIR_PREFIX}{index}"
         # A pid that cannot be alive: a real process that has exited and been reaped.
         child = subprocess.Popen([sys.executable, "-c", "pass"])
         child.wait()
@@ -314,12 +315,42 @@ def test_the_sweep_keeps_the_newest_ended_runs(tmp_path):
         os.utime(path / RUN_RECORD, (1000 + index, 1000 + index))
         dead.append(path)
         _rewrite_pid(path / RUN_RECORD, child.pid)
+    return dead
+
+
+def test_the_sweep_keeps_the_newest_ended_runs(tmp_path):
+    dead = ended_runs(tmp_path, 5)
 
     removed = sweep_orphans(tmp_path, keep=2)
 
     assert sorted(removed) == sorted(dead[:3])
     assert [p.exists() for p in dead] == [False, False, False, True, True]
     assert (dead[4] / MODE_FILE).exists() is False  # untouched: nothing added either
+
+
+def test_a_dir_kept_for_a_recent_log_is_not_one_of_the_runs_kept(tmp_path):
+    dead = ended_runs(tmp_path, 4)
+    # The newest run's build failed an hour ago: its log is kept, its dir with it.
+    (dead[3] / "failures" / "db.1234").mkdir(parents=True)
+    (dead[3] / "failures" / "db.1234" / "run.log").write_text("the error\n")
+    # An older run's log is two days old, and another's "log" is a link to a fresh file
+    # outside (never followed): neither keeps its dir.
+    fresh_outside = tmp_path / "elsewhere.log"
+    fresh_outside.write_text("not ours\n")
+    (dead[1] / "failures" / "db.1234").mkdir(parents=True)
+    old_log = dead[1] / "failures" / "db.1234" / "run.log"
+    old_log.write_text("old\n")
+    two_days_ago = old_log.stat().st_mtime - 2 * 24 * 3600
+    os.utime(old_log, (two_days_ago, two_days_ago))
+    (dead[0] / "failures").mkdir()
+    (dead[0] / "failures" / "db.1234").symlink_to(tmp_path, target_is_directory=True)
+
+    removed = sweep_orphans(tmp_path, keep=1)
+
+    # Kept: the log holder, and the newest of the others (run 2); runs 0 and 1 go.
+    assert sorted(removed) == sorted(dead[:2])
+    assert [p.exists() for p in dead] == [False, False, True, True]
+    assert fresh_outside.read_text() == "not ours\n"
 
 
 def _rewrite_pid(record: Path, pid: int) -> None:
