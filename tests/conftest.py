@@ -85,6 +85,9 @@ def private_system_temp_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
     before_env, before_cached = os.environ.get("TMPDIR"), tempfile.tempdir
     private = Path(tempfile.mkdtemp(prefix="prewarm-tests-"))
+    # As /tmp: world-writable and sticky, for the tests that run as a second user (the
+    # PostgreSQL demo's server, another user's records).
+    private.chmod(0o1777)
     os.environ["TMPDIR"] = str(private)
     tempfile.tempdir = str(private)
     try:
