@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import clock
 from .capture import BuildOutput, command_output, tail
@@ -59,9 +59,11 @@ from .names import canonical_key, check_name
 from .records import Meta, failure_to_json, hold_id, read_failure
 from .registry import Registry
 from .supply import Supplied
-from .teardown import Instance
 from .trust import check_dir, is_mine, kind_of, make_dir, remove_tree
 from .values import json_round_trip, type_name
+
+if TYPE_CHECKING:
+    from .teardown import Instance  # only templates with a teardown load teardown.py
 
 Builder = Callable[..., Any]  # build(path), or build(path, layers) with requires=
 Configure = Callable[["Template"], object]

@@ -94,6 +94,24 @@ def tree(root: Path) -> list[str]:
 # -- a run that asks for no template ------------------------------------------------------
 
 
+def test_the_request_machinery_loads_no_teardown_module() -> None:
+    # Only a template with a teardown pays for the teardown, reaper and services modules.
+    code = (
+        "import sys, pytest_prewarm.request, pytest_prewarm.state\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pytest_prewarm')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    loaded = json.loads(out.replace("'", '"'))
+    assert "pytest_prewarm.request" in loaded
+    assert not {
+        "pytest_prewarm.teardown",
+        "pytest_prewarm.reaper",
+        "pytest_prewarm.services",
+    } & set(loaded)
+
+
 def test_importing_the_plugin_loads_no_core_module() -> None:
     code = (
         "import sys, pytest, pytest_prewarm.plugin\n"
