@@ -68,8 +68,8 @@ _OPTIONS: list[tuple[str, str, str]] = [
     (
         "eager",
         "bool",
-        "build the templates named by selected tests' prewarm markers early, in a "
-        "background thread, splitting them across workers (default on). Turn off with "
+        "build the templates named by selected tests' prewarm markers early, in "
+        "background threads, splitting them across workers (default on). Turn off with "
         "--no-prewarm-eager for builders that must run on the main thread.",
     ),
     (
