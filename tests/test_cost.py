@@ -94,16 +94,21 @@ def tree(root: Path) -> list[str]:
 # -- a run that asks for no template ------------------------------------------------------
 
 
-def test_the_request_machinery_loads_no_teardown_module() -> None:
-    # Only a template with a teardown pays for the teardown, reaper and services modules.
+def package_modules_after(imports: str) -> list[str]:
+    """The pytest_prewarm modules a fresh interpreter has loaded after ``import <imports>``."""
     code = (
-        "import sys, pytest_prewarm.request, pytest_prewarm.state\n"
+        f"import sys, {imports}\n"
         "print(sorted(m for m in sys.modules if m.startswith('pytest_prewarm')))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    loaded = json.loads(out.replace("'", '"'))
+    return json.loads(out.replace("'", '"'))
+
+
+def test_the_request_machinery_loads_no_teardown_module() -> None:
+    # Only a template with a teardown pays for the teardown, reaper and services modules.
+    loaded = package_modules_after("pytest_prewarm.request, pytest_prewarm.state")
     assert "pytest_prewarm.request" in loaded
     assert not {
         "pytest_prewarm.teardown",
@@ -113,14 +118,7 @@ def test_the_request_machinery_loads_no_teardown_module() -> None:
 
 
 def test_importing_the_plugin_loads_no_core_module() -> None:
-    code = (
-        "import sys, pytest, pytest_prewarm.plugin\n"
-        "print(sorted(m for m in sys.modules if m.startswith('pytest_prewarm')))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert json.loads(out.replace("'", '"')) == [
+    assert package_modules_after("pytest, pytest_prewarm.plugin") == [
         "pytest_prewarm",
         "pytest_prewarm._version",
         "pytest_prewarm.console",
