@@ -110,7 +110,12 @@ def test_a_run_killed_as_a_process_group_leaves_no_postgres_process(suite: Suite
 
     proc.wait()
     teardowns = suite.path / "teardowns.jsonl"
-    wait_until(teardowns.exists, 30, what="the watcher's teardown")
+    # open("a") creates the file before its line is written: wait for a whole line.
+    wait_until(
+        lambda: teardowns.exists() and teardowns.read_text().endswith("\n"),
+        30,
+        what="the watcher's teardown",
+    )
     [done] = [json.loads(line) for line in teardowns.read_text().splitlines()]
     assert done["home"] == home
     assert done["at"] - killed_at < 2.0
