@@ -9,12 +9,10 @@ the log what xdist delivers.
 from __future__ import annotations
 
 import json
-import operator
 import os
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from .files import append_text, decode_json_object, read_bounded
 from .kinds import Outcome
@@ -25,8 +23,7 @@ from .trust import make_dir
 MAX_EVENTS_FILE = 16 * 1024 * 1024
 
 
-@dataclass(slots=True)
-class TemplateEvent:
+class TemplateEvent(NamedTuple):
     """One request's outcome in one process; ``recovered_from`` names a dead predecessor."""
 
     template: str
@@ -47,7 +44,7 @@ class TemplateEvent:
         Every field already is one, so no deep copy (``asdict``): a run with 10,000 waits
         turns them all into dicts for its JSON report.
         """
-        data = dict(zip(_FIELDS, _values(self), strict=True))
+        data = dict(zip(_FIELDS, self, strict=True))
         data["outcome"] = str(self.outcome)
         return data
 
@@ -58,9 +55,8 @@ class TemplateEvent:
         return cls(**{name: data[name] for name in _FIELDS if name in data})
 
 
-_FIELDS = tuple(field.name for field in fields(TemplateEvent))
+_FIELDS = TemplateEvent._fields
 _FIELD_SET = frozenset(_FIELDS)
-_values = operator.attrgetter(*_FIELDS)  # all fields in one C call
 
 
 def parse_lines(text: str) -> list[TemplateEvent]:

@@ -11,10 +11,9 @@ import errno
 import os
 import socket
 import sys
-from dataclasses import dataclass, replace
 from enum import Enum
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import clock, portable
 from .owner import MAX_PID, OwnerRecord
@@ -29,8 +28,7 @@ class Liveness(Enum):
     UNKNOWN = "unknown"
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     state: Liveness
     reason: str
 
@@ -38,8 +36,7 @@ class Verdict:
         return f"{self.state.value}, {self.reason}"
 
 
-@dataclass(frozen=True)
-class HostIdentity:
+class HostIdentity(NamedTuple):
     hostname: str
     boot_id: str | None
     pid_ns: int | None
@@ -210,7 +207,7 @@ class Identity:
         """A fresh owner record naming this process as holder of ``template``, from now."""
         if self._base is None or self._base.pid != os.getpid():
             self._base = own_record(self.worker, self.run_id)
-        return replace(self._base, started_at=clock.wall(), template=template)
+        return self._base._replace(started_at=clock.wall(), template=template)
 
 
 def _foreign(record: OwnerRecord, here: HostIdentity) -> str | None:

@@ -8,16 +8,14 @@ which one it has.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .liveness import Verdict, held_for, local_host
 from .owner import OwnerRecord
 
 
-@dataclass(frozen=True)
-class Holder:
+class Holder(NamedTuple):
     """What a waiter knows of the current holder, for messages and the report."""
 
     record: OwnerRecord | None
@@ -33,8 +31,7 @@ class Holder:
         )
 
 
-@dataclass(frozen=True)
-class Acquired:
+class Acquired(NamedTuple):
     """The lock is ours. ``previous`` is the record of whoever held it before us."""
 
     previous: OwnerRecord | None

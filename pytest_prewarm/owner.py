@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .files import decode_json_object, read_bounded
 from .kinds import RecordState
@@ -14,8 +13,7 @@ from .kinds import RecordState
 MAX_PID = 4_194_304
 
 
-@dataclass(frozen=True)
-class OwnerRecord:
+class OwnerRecord(NamedTuple):
     """Identity of a lock holder: enough to prove it dead, alive, or neither.
 
     ``start_ticks`` (field 22 of /proc/PID/stat) and ``boot_id`` identify a process across
@@ -39,7 +37,7 @@ class OwnerRecord:
     template: str = ""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self._asdict(), sort_keys=True)
 
     @property
     def is_held(self) -> bool:
@@ -47,7 +45,7 @@ class OwnerRecord:
         return self.state == RecordState.HELD
 
     def released(self) -> OwnerRecord:
-        return replace(self, state=RecordState.RELEASED.value)
+        return self._replace(state=RecordState.RELEASED.value)
 
     def describe(self, *, local_hostname: str | None = None) -> str:
         """Human wording, e.g. ``gw3, pid 4242 on this host``."""

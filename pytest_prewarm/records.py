@@ -7,11 +7,9 @@ published, no failure), never as an exception.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .exceptions import PrewarmBuildError
 from .files import read_json_object
@@ -31,8 +29,7 @@ def hold_id(record: OwnerRecord | None) -> HoldId | None:
     return None if record is None else [record.pid, record.started_at]
 
 
-@dataclass(frozen=True)
-class Meta:
+class Meta(NamedTuple):
     """meta.json of a published template; written last, so its presence means complete."""
 
     name: str
@@ -51,7 +48,7 @@ class Meta:
     requires: dict[str, str] | None = None  # the layers it was built on: name -> digest
 
     def replace(self, **changes: Any) -> Meta:
-        return dataclasses.replace(self, **changes)
+        return self._replace(**changes)
 
     def to_json(self) -> str:
         return json.dumps(

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .exceptions import PrewarmUsageError
 from .names import check_name
@@ -16,8 +15,7 @@ Configure = Callable[[Any], object]  # configure(template), in every process tha
 Teardown = Callable[[Path, Any], object]
 
 
-@dataclass(frozen=True)
-class Registered:
+class Registered(NamedTuple):
     name: str
     build: Builder
     key: Any

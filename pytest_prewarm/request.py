@@ -21,9 +21,8 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from . import clock
 from .capture import BuildOutput, command_output, tail
@@ -133,8 +132,7 @@ class TemplateFactory(Protocol):
     ) -> Template: ...
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     name: str
     build: Builder
     key: Any
@@ -466,8 +464,7 @@ class _TornDown(Exception):
 MAX_TORN_DOWN = 3  # each needs a concurrent run to build, publish and tear down meanwhile
 
 
-@dataclass(frozen=True)
-class _Failed:
+class _Failed(NamedTuple):
     error: PrewarmBuildError
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .exceptions import PrewarmUsageError
 from .names import check_name
@@ -19,8 +19,7 @@ from .names import check_name
 ENV_VAR = "PYTEST_PREWARM_SUPPLY"  # entries separated by os.pathsep, like PATH
 
 
-@dataclass(frozen=True)
-class Supplied:
+class Supplied(NamedTuple):
     name: str
     path: Path
     source: str  # "--prewarm-supply", "PYTEST_PREWARM_SUPPLY", "ini prewarm_supply in ..."

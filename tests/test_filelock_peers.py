@@ -54,8 +54,6 @@ def plugin_side() -> SimpleNamespace:
       machine with this hostname would write it (another boot id);
     - ``SOURCE``: Python source defining ``own_record_json()`` for a holder subprocess.
     """
-    from dataclasses import replace
-
     from pytest_prewarm.liveness import Liveness, classify, own_record
     from pytest_prewarm.owner import parse_record
 
@@ -73,7 +71,7 @@ def plugin_side() -> SimpleNamespace:
     def moved_elsewhere(record_json: str, pid: int) -> str:
         record = parse_record(record_json)
         assert record is not None
-        return replace(record, pid=pid, boot_id=secrets.token_hex(16)).to_json()
+        return record._replace(pid=pid, boot_id=secrets.token_hex(16)).to_json()
 
     return SimpleNamespace(
         judge=judge,

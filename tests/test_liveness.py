@@ -9,7 +9,6 @@ a small Python script (the ``*_SCRIPT`` constants) in a child, which prints its 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -49,7 +48,7 @@ pytestmark = pytest.mark.skipif(
 # stdlib may live under a directory the unprivileged uid cannot read.
 
 _PRELUDE = r"""
-import dataclasses, json, os, signal, socket, subprocess, sys, time
+import json, os, signal, socket, subprocess, sys, time
 from pathlib import Path
 import psutil
 from pytest_prewarm import liveness
@@ -108,7 +107,7 @@ out = []
 for text in args["records"]:
     record = parse_record(text)
     out.append({**verdict(record), "kill": probe(record.pid)})
-print(json.dumps({"uid": os.getuid(), "here": dataclasses.asdict(liveness.local_host()),
+print(json.dumps({"uid": os.getuid(), "here": liveness.local_host()._asdict(),
                   "verdicts": out}))
 """
 )
@@ -276,7 +275,7 @@ def record_for(
         run_id="run",
         started_at=0.0,
     )
-    return dataclasses.replace(record, **overrides)
+    return record._replace(**overrides)
 
 
 def own_record(**overrides: Any) -> OwnerRecord:
@@ -538,9 +537,9 @@ FOREIGN_RECORDS: dict[str, Callable[[HostIdentity], dict[str, Any]]] = {
 
 # What the local side may fail to know.
 BLIND_HERE: dict[str, Callable[[HostIdentity], HostIdentity]] = {
-    "here has no boot id": lambda here: dataclasses.replace(here, boot_id=None),
-    "here has no pid namespace": lambda here: dataclasses.replace(here, pid_ns=None),
-    "here has another hostname": lambda here: dataclasses.replace(here, hostname="somewhere"),
+    "here has no boot id": lambda here: here._replace(boot_id=None),
+    "here has no pid namespace": lambda here: here._replace(pid_ns=None),
+    "here has another hostname": lambda here: here._replace(hostname="somewhere"),
 }
 
 
@@ -583,7 +582,7 @@ def test_both_sides_missing_boot_id_or_namespace_is_still_unknown(
     """None == None must not count as "the same boot" or "the same namespace"."""
     here = liveness.local_host()
     for field in ("boot_id", "pid_ns"):
-        blind = dataclasses.replace(here, **{field: None})
+        blind = here._replace(**{field: None})
         record = record_for(*dead_pid, blind)
         assert getattr(record, field) is None
         assert liveness.classify(record, blind).state is UNKNOWN
@@ -704,7 +703,7 @@ def test_live_holder_in_another_pid_namespace_is_unknown_not_dead(
     assert "namespace" in verdict.reason
     # Whatever its pid happens to name out here (dead, our own pid, a zombie), never dead.
     for pid, ticks in [dead_pid, (os.getpid(), 0), (os.getpid(), record.start_ticks)]:
-        forged = dataclasses.replace(record, pid=pid, start_ticks=ticks)
+        forged = record._replace(pid=pid, start_ticks=ticks)
         assert liveness.classify(forged).state is UNKNOWN
     assert holder.poll() is None  # it was alive throughout
     procs.release(holder)
@@ -837,7 +836,7 @@ def test_dead_holder_is_not_alive_under_the_parents_proc(procs: Procs) -> None:
 # No /proc at all (a container that mounts none): nothing can be proven, and nothing fails.
 
 NO_PROC_SCRIPT = r"""
-import dataclasses, json, os, subprocess, sys
+import json, os, subprocess, sys
 from pathlib import Path
 import psutil
 from pytest_prewarm import liveness
@@ -849,7 +848,7 @@ subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "no-proc", "/proc"], ch
 print(json.dumps({
     "proc_self": os.path.lexists("/proc/self"),
     "own_identity": liveness.own_identity(),
-    "here": dataclasses.asdict(liveness.local_host()),
+    "here": liveness.local_host()._asdict(),
     "verdict": str(liveness.classify(record)),
     "fstype": filesystem_type(Path(sys.argv[1])),
     "mode": choose_lock_mode(Path(sys.argv[1]), "auto"),
@@ -879,6 +878,6 @@ def test_without_proc_nothing_is_proven_and_a_lock_dir_still_works(
 
 @pytest.mark.parametrize("pid", [0, -1, MAX_PID + 1])
 def test_a_pid_out_of_the_kernels_range_is_unknown(pid: int) -> None:
-    record = dataclasses.replace(own_record(), pid=pid)
+    record = own_record()._replace(pid=pid)
 
     assert liveness.classify(record) == Verdict(UNKNOWN, f"pid {pid} is out of range")

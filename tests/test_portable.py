@@ -8,7 +8,6 @@ a holder is identified by psutil's create_time instead of /proc start ticks.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -117,7 +116,7 @@ def test_a_forced_record_is_identified_by_create_time(forced: None) -> None:
     assert abs(record.create_time - psutil.Process().create_time()) <= 0.005
     assert liveness.classify(record) == Verdict(Liveness.ALIVE, "running")
     # Start ticks alone prove nothing on this path (on the /proc path 1 is "pid reused").
-    ticks_only = dataclasses.replace(record, start_ticks=1, create_time=None)
+    ticks_only = record._replace(start_ticks=1, create_time=None)
     assert liveness.classify(ticks_only) == Verdict(Liveness.UNKNOWN, "start time unrecorded")
 
 
@@ -125,7 +124,7 @@ def test_a_forced_record_is_identified_by_create_time(forced: None) -> None:
 def test_control_without_the_variable_a_record_has_start_ticks(unforced: None) -> None:
     record = liveness.own_record("gw0", "run")
     assert record.start_ticks == liveness.start_ticks(os.getpid())
-    ticks_only = dataclasses.replace(record, create_time=None)
+    ticks_only = record._replace(create_time=None)
     assert liveness.classify(ticks_only) == Verdict(Liveness.ALIVE, "running")
 
 
@@ -142,8 +141,7 @@ def child() -> Iterator[subprocess.Popen[bytes]]:
 
 def record_of(child: subprocess.Popen[bytes]) -> OwnerRecord:
     """An owner record naming ``child`` as the portable path writes one: by create_time."""
-    return dataclasses.replace(
-        liveness.own_record("gw0", "run"),
+    return liveness.own_record("gw0", "run")._replace(
         pid=child.pid,
         create_time=psutil.Process(child.pid).create_time(),
     )
@@ -155,9 +153,7 @@ def test_a_forced_record_of_a_pid_started_a_linux_tick_later_is_a_reused_pid(
     record = record_of(child)
     assert liveness.classify(record) == Verdict(Liveness.ALIVE, "running")
     for moved in (-0.01, 0.01, -1.0):  # one tick of Linux's USER_HZ either way, a second
-        verdict = liveness.classify(
-            dataclasses.replace(record, create_time=record.create_time + moved)
-        )
+        verdict = liveness.classify(record._replace(create_time=record.create_time + moved))
         assert verdict == Verdict(Liveness.DEAD, "pid reused by a newer process"), moved
 
 
