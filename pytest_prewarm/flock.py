@@ -1,9 +1,8 @@
 """flock mode: a template's lock is a kernel lock on a permanent file, plus an owner record.
 
-Mutual exclusion comes from the platform's kernel file lock, taken through filelock with
-the soft fallback disabled (``flock`` on Unix, ``msvcrt.locking`` on Windows): a lock that
-silently stops excluding is worse than an error. The kernel drops it the moment its
-holder dies, SIGKILL included, zombie or not.
+Mutual exclusion comes from the platform's kernel file lock (kernel.py: ``flock`` on Unix,
+filelock's ``msvcrt.locking`` on Windows). The kernel drops it the moment its holder dies,
+SIGKILL included, zombie or not.
 
 Waking waiters fast without burning CPU: where ``fcntl`` exists, a waiter parks a daemon
 thread in a *blocking* ``flock(LOCK_SH)`` on the same lock file. The kernel grants it the
@@ -23,15 +22,13 @@ import contextlib
 import os
 import random
 import stat
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
 
-from . import clock, portable
+from . import clock, kernel, portable
 from .exceptions import PrewarmLockError
 from .files import O_NOFOLLOW, O_NONBLOCK, write_atomic, write_temp
 from .fstype import filesystem_type, flock_untrusted
@@ -42,20 +39,8 @@ from .owner import OwnerRecord, read_record
 from .records import Meta, hold_id
 from .trust import is_mine, kind_of, why_unreadable
 
-if TYPE_CHECKING:
-    from filelock import BaseFileLock
-
 # Seconds between a polling waiter's attempts where no blocking shared lock exists.
 POLL_INTERVAL = 0.005
-
-
-def kernel_lock_class() -> type[BaseFileLock] | None:
-    """filelock's kernel lock for this platform, or None where it only has a soft lock."""
-    import filelock
-
-    if sys.platform == "win32":  # pragma: no cover - not run on Linux CI
-        return filelock.WindowsFileLock
-    return filelock.UnixFileLock if filelock.has_fcntl else None
 
 
 def probe(directory: Path) -> str | None:
@@ -65,38 +50,21 @@ def probe(directory: Path) -> str | None:
     the same fresh lock dir never meet each other: contention cannot pass for a missing
     feature.
     """
-    lock_class = kernel_lock_class()
-    if lock_class is None:
-        return "no kernel file lock on this platform (the fcntl module is missing)"
     fd, name = tempfile.mkstemp(prefix=".prewarm-flock-probe-", dir=directory)
     os.close(fd)
-    probe_lock = lock_class(name, thread_local=False, fallback_to_soft=False)
+    probe_lock = kernel.kernel_lock(Path(name))
     try:
-        probe_lock.acquire(timeout=0)
-        probe_lock.release(force=True)
-    except Exception as exc:  # filelock raises OSError, NotImplementedError or Timeout
+        if probe_lock is None:
+            return "no kernel file lock on this platform (the fcntl module is missing)"
+        if not probe_lock.try_lock():
+            return "flock refused (a fresh private file read as locked)"
+        probe_lock.unlock()
+    except (OSError, NotImplementedError) as exc:
         return f"flock refused ({exc})"
     finally:
         with contextlib.suppress(OSError):
             os.unlink(name)
     return None
-
-
-# Descriptors of parked release-watcher threads. A forked child inherits them without the
-# threads that would close them, so the child closes them at once.
-_watch_fds: set[int] = set()
-_watch_fds_lock = threading.Lock()
-
-
-def _close_watch_fds_in_child() -> None:
-    for fd in list(_watch_fds):
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _watch_fds.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_watch_fds_in_child)
 
 
 class _ReleaseWatch:
@@ -107,8 +75,8 @@ class _ReleaseWatch:
         # Non-blocking open: a FIFO planted where the lock file was must not hang us here.
         self._fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK)
         self._fcntl = fcntl
-        with _watch_fds_lock:
-            _watch_fds.add(self._fd)
+        # A forked child inherits it without the thread that would close it.
+        kernel.keep_from_children(self._fd)
         self.fired = threading.Event()
         self.started = clock.monotonic()
         thread = threading.Thread(target=self._run, name=f"prewarm-watch:{path.name}")
@@ -122,10 +90,8 @@ class _ReleaseWatch:
         except OSError:
             pass  # fire anyway: the caller re-checks the state and retries
         finally:
-            with _watch_fds_lock:
-                if self._fd in _watch_fds:
-                    _watch_fds.discard(self._fd)
-                    os.close(self._fd)
+            if kernel.forget(self._fd):  # else a fork's child handler closed it
+                os.close(self._fd)
             self.fired.set()
 
 
@@ -141,13 +107,13 @@ class FlockLock:
         # meta names the hold instead, so the next holder reads it there.
         self.finished_marker = layout.meta_file(tid)
         self.template = template
-        self._held: BaseFileLock | None = None
+        self._held: kernel.KernelLock | None = None
         self._record: OwnerRecord | None = None
         self._watch: _ReleaseWatch | None = None
         self._quick_fires = 0
         self._warmed = False
         self._checked = False
-        self._lock_object: BaseFileLock | None = None
+        self._lock_object: kernel.KernelLock | None = None
 
     def holder(self) -> Holder:
         record = read_record(self.owner_path)
@@ -155,45 +121,22 @@ class FlockLock:
             return Holder(None, Verdict(Liveness.UNKNOWN, why_unreadable(self.owner_path)))
         return Holder(record, classify(record))
 
-    def _filelock(self) -> BaseFileLock:
-        # One object for all attempts: construction costs about 0.1 ms, paid on a takeover.
+    def _kernel_lock(self) -> kernel.KernelLock:
+        # One object for all attempts: filelock's costs about 0.1 ms, paid on a takeover.
         if self._lock_object is None:
-            lock_class = kernel_lock_class()
-            if lock_class is None:
+            self._lock_object = kernel.kernel_lock(self.lock_path)
+            if self._lock_object is None:
                 raise PrewarmLockError(
                     f"template {self.template!r}: flock mode needs a kernel file lock and "
                     "this platform has none (the fcntl module is missing); use "
                     "--prewarm-lock-mode lease (or auto, which picks it)"
                 )
-            self._lock_object = lock_class(
-                str(self.lock_path),
-                mode=0o600,
-                thread_local=False,
-                blocking=False,
-                fallback_to_soft=False,
-            )
         return self._lock_object
 
     def _warm_up(self) -> None:
-        """Called once a wait begins: pay now for what a takeover would otherwise pay.
-
-        filelock imports parts of itself on first use, and a failed attempt does not
-        load what a successful one needs; taking and dropping a private lock once loads
-        all of it (measured: 2.4 ms off the takeover).
-        """
+        """Called once a wait begins: pay now for what a takeover would otherwise pay."""
         prepare_classify()
-        lock_class = kernel_lock_class()
-        if lock_class is None:
-            return
-        warm = lock_class(
-            str(self.layout.warm_up_lock()),
-            mode=0o600,
-            thread_local=False,
-            fallback_to_soft=False,
-        )
-        with contextlib.suppress(Exception):
-            warm.acquire(timeout=0)
-            warm.release(force=True)
+        kernel.warm_up(self.layout.warm_up_lock())
 
     def _finished(self, record: OwnerRecord) -> bool:
         meta = Meta.read(self.finished_marker)
@@ -217,34 +160,33 @@ class FlockLock:
 
     def try_acquire(self, record: OwnerRecord) -> Acquired | None:
         """Take the lock without blocking; ``None`` if someone else holds it."""
-        lock = self._filelock()
+        lock = self._kernel_lock()
         if not self._checked:
             self._check_lock_file()
             self._checked = True
         # Written before we try the lock, so taking the lock and naming ourselves is one
         # rename apart: no reader finds the lock held and the record missing or half-written.
         tmp = write_temp(self.owner_path.parent, self.owner_path.name, record.to_json())
-        from filelock import Timeout as FileLockTimeout
-
         try:
-            lock.acquire(blocking=False)
-        except FileLockTimeout:
-            os.unlink(tmp)
-            return None
+            taken = lock.try_lock()
         except (OSError, NotImplementedError) as exc:
             os.unlink(tmp)
+            self._check_lock_file()  # a link or a FIFO planted since the first check
             raise PrewarmLockError(
                 f"cannot lock {self.lock_path} for template {self.template!r}: {exc}. "
                 "The lock dir's filesystem does not support flock; use "
                 "--prewarm-lock-mode lease, or put --prewarm-lock-dir on a local filesystem."
             ) from exc
+        if not taken:
+            os.unlink(tmp)
+            return None
         try:
             acquired = self._claim(record, tmp)
         except BaseException:
             # Nothing stays held after an error: not the lock, not the temporary record.
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            lock.release(force=True)
+            lock.unlock()
             raise
         self._held, self._record = lock, record
         return acquired
@@ -318,7 +260,7 @@ class FlockLock:
                     write_atomic(self.owner_path, record.released().to_json())
         finally:
             self._held = self._record = None
-            lock.release(force=True)
+            lock.unlock()
 
     def wait_for_change(self, until: float) -> None:
         """Block until the holder may have released (or ``until``, a monotonic time)."""

@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"_version", "clock", "kinds", "exceptions", "console", "portable", "capture"},
     {"names", "trust", "fstype", "values", "services"},
     {"files", "supply"},
-    {"owner", "digest"},
+    {"owner", "digest", "kernel"},
     {"liveness", "records"},
     {"layout"},
     {"locking", "failure"},

@@ -1,0 +1,173 @@
+"""The platform's exclusive kernel lock on one file, and the descriptors a fork must drop.
+
+Where ``fcntl`` exists (and the portable path is not forced) the lock is a raw
+``flock(LOCK_EX | LOCK_NB)``. Elsewhere (Windows: ``msvcrt.locking``) it is filelock's
+lock for the platform, with the soft fallback disabled: a lock that silently stops
+excluding is worse than an error. Forcing the portable path on Linux takes the filelock
+side too, so CI runs it.
+
+Why not filelock everywhere: importing it costs 15 ms of CPU per process (about twenty
+modules), paid by every worker on its first request, before the builder can take the lock.
+With eight workers on two cores that was 60 ms of wall time before any build started.
+
+What filelock did for us that a raw flock must do itself (../shared/design/facts.md):
+- flock follows the open file description, so a ``fork()``ed child that kept a held
+  descriptor would keep the lock after its parent died. Every descriptor we hold is
+  closed in a forked child (closed, never unlocked: unlocking would drop the parent's
+  lock), and opened close-on-exec, so an exec'd child never has it.
+- The file is opened without following links and without blocking (a FIFO planted at its
+  name must not hang the open), and must be a regular file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
+
+from . import portable
+from .files import O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK
+
+if TYPE_CHECKING:
+    from filelock import BaseFileLock
+
+# flock's answers to a lock held by someone else; some filesystems say EACCES.
+_CONTENDED = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
+
+
+class KernelLock(Protocol):
+    def try_lock(self) -> bool:
+        """Take the lock without blocking: False if another holds it.
+
+        Raises OSError or NotImplementedError where the filesystem refuses the lock.
+        """
+
+    def unlock(self) -> None: ...
+
+
+def kernel_lock(path: Path) -> KernelLock | None:
+    """An exclusive lock on ``path`` (created if missing), or None where there is none."""
+    fcntl = portable.fcntl_module()
+    if fcntl is not None:
+        return _Flock(path, fcntl)
+    lock_class = _filelock_class()
+    if lock_class is None:
+        return None
+    return _PlatformLock(
+        lock_class(
+            str(path), mode=0o600, thread_local=False, blocking=False, fallback_to_soft=False
+        )
+    )
+
+
+def warm_up(path: Path) -> None:
+    """Pay now for what a takeover would pay later; called once a wait begins.
+
+    filelock imports parts of itself on first use, and a failed attempt does not load what
+    a successful one needs; taking and dropping a private lock once loads all of it
+    (measured: 2.4 ms off a takeover). A raw flock has nothing to load.
+    """
+    if portable.fcntl_module() is not None:
+        return
+    lock = kernel_lock(path)  # a private file of the caller's
+    if lock is not None:
+        with contextlib.suppress(Exception):
+            if lock.try_lock():
+                lock.unlock()
+
+
+def _filelock_class() -> type[BaseFileLock] | None:
+    import filelock  # only where there is no fcntl, or the portable path is forced
+
+    if os.name == "nt":  # pragma: no cover - not run on Linux CI
+        return filelock.WindowsFileLock
+    return filelock.UnixFileLock if filelock.has_fcntl else None
+
+
+# -- descriptors a forked child must close ---------------------------------------------------
+
+_close_in_child: set[int] = set()
+_close_in_child_lock = threading.Lock()
+
+
+def keep_from_children(fd: int) -> None:
+    """Close ``fd`` in any child this process forks from now on (until ``forget``)."""
+    with _close_in_child_lock:
+        _close_in_child.add(fd)
+
+
+def forget(fd: int) -> bool:
+    """Stop tracking ``fd``; False if it was not tracked (someone closed it already)."""
+    with _close_in_child_lock:
+        if fd not in _close_in_child:
+            return False
+        _close_in_child.discard(fd)
+        return True
+
+
+def _close_inherited() -> None:
+    for fd in list(_close_in_child):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _close_in_child.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited)
+
+
+# -- the two implementations -------------------------------------------------------------------
+
+
+class _Flock:
+    def __init__(self, path: Path, fcntl: ModuleType) -> None:
+        self.path = path
+        self._fcntl = fcntl
+        self._fd: int | None = None
+
+    def try_lock(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0o600)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, f"{self.path} is not a regular file")
+            self._fcntl.flock(fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in _CONTENDED:
+                return False
+            raise
+        keep_from_children(fd)
+        self._fd = fd
+        return True
+
+    def unlock(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        forget(fd)
+        try:
+            self._fcntl.flock(fd, self._fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+class _PlatformLock:
+    def __init__(self, lock: BaseFileLock) -> None:
+        self._lock = lock
+
+    def try_lock(self) -> bool:
+        from filelock import Timeout
+
+        try:
+            self._lock.acquire(blocking=False)
+        except Timeout:
+            return False
+        return True
+
+    def unlock(self) -> None:
+        self._lock.release(force=True)

@@ -1,0 +1,158 @@
+"""The kernel lock: a raw flock that forked and exec'd children cannot keep, and its fallback.
+
+A flock belongs to the open file description, so whoever shares the descriptor shares the
+lock (../shared/design/facts.md). A builder that forks (a server daemonising itself,
+multiprocessing's fork start method) must not hand the lock to a child that outlives it,
+and a child that exits must not take the parent's lock with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import Processes, wait_until
+
+from pytest_prewarm import kernel
+from pytest_prewarm.portable import PORTABLE_ENV
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "fork"), reason="forked children exist on POSIX only"
+)
+
+# Takes the lock on argv[1], then does what argv[2] says, then reports on stdout.
+HOLDER = """
+import os, subprocess, sys, time
+from pathlib import Path
+from pytest_prewarm import kernel
+
+lock = kernel.kernel_lock(Path(sys.argv[1]))
+assert lock.try_lock()
+what = sys.argv[2]
+if what == "fork-and-stay":
+    pid = os.fork()
+    if pid == 0:
+        os.read(os.open(sys.argv[3], os.O_RDONLY), 1)  # a FIFO nobody writes: stays alive
+        os._exit(0)
+    print("child", pid, flush=True)
+elif what == "fork-and-exit":
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print("child gone", pid, flush=True)
+elif what == "exec-and-stay":
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys; os.read(os.open(sys.argv[1], os.O_RDONLY), 1)",
+         sys.argv[3]],
+        close_fds=False,  # only close-on-exec keeps the lock from it
+    )
+    print("child", child.pid, flush=True)
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def _child_pid(proc_output: str) -> int:
+    line = next(line for line in proc_output.splitlines() if line.startswith("child"))
+    return int(line.split()[-1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("how", ["fork-and-stay", "exec-and-stay"])
+def test_a_child_that_outlives_the_killed_holder_does_not_keep_the_lock(
+    processes: Processes, tmp_path: Path, how: str
+) -> None:
+    path, fifo = tmp_path / "lock", tmp_path / "fifo"
+    os.mkfifo(fifo)
+    holder = processes.python(HOLDER, str(path), how, str(fifo))
+    wait_until(lambda: "holding" in holder.output(), what="the holder to take the lock")
+    child = _child_pid(holder.output())
+    mine = kernel.kernel_lock(path)
+    assert mine is not None
+    assert not mine.try_lock(), "the holder's lock did not exclude"
+    holder.kill()
+    assert _alive(child), "the child must still live for the test to mean anything"
+    assert mine.try_lock(), f"the {how} child (pid {child}) kept the killed holder's lock"
+    mine.unlock()
+    os.kill(child, signal.SIGKILL)
+
+
+def test_a_forked_child_that_exits_leaves_the_parent_holding(
+    processes: Processes, tmp_path: Path
+) -> None:
+    path = tmp_path / "lock"
+    holder = processes.python(HOLDER, str(path), "fork-and-exit")
+    wait_until(lambda: "holding" in holder.output(), what="the holder to take the lock")
+    assert "child gone" in holder.output()
+    mine = kernel.kernel_lock(path)
+    assert mine is not None
+    assert not mine.try_lock(), "the child's exit released its live parent's lock"
+    holder.kill()
+    assert mine.try_lock()
+    mine.unlock()
+
+
+def test_two_locks_of_one_process_exclude_each_other_and_unlock_frees(tmp_path: Path) -> None:
+    # A flock is per open file, not per process (unlike lockf): threads of one worker, such as
+    # eager builds, exclude each other too.
+    first, second = kernel.kernel_lock(tmp_path / "lock"), kernel.kernel_lock(tmp_path / "lock")
+    assert first is not None and second is not None
+    assert first.try_lock()
+    assert not second.try_lock()
+    first.unlock()
+    assert second.try_lock()
+    second.unlock()
+    second.unlock()  # a second unlock is a no-op, never an error
+
+
+@pytest.mark.parametrize("plant", ["fifo", "symlink", "directory"])
+def test_a_planted_lock_file_raises_at_once_and_changes_nothing(tmp_path: Path, plant: str) -> None:
+    path, outside = tmp_path / "lock", tmp_path / "outside"
+    outside.write_text("not yours")
+    if plant == "fifo":
+        os.mkfifo(path)  # an open that blocked here would hang every waiter
+    elif plant == "symlink":
+        path.symlink_to(outside)
+    else:
+        path.mkdir()
+    lock = kernel.kernel_lock(path)
+    assert lock is not None
+    with pytest.raises(OSError):
+        lock.try_lock()
+    assert outside.read_text() == "not yours"
+    assert kernel.forget(-1) is False  # nothing was left tracked for a fork to close
+
+
+def test_the_forced_portable_path_locks_through_filelock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, processes: Processes
+) -> None:
+    monkeypatch.setenv(PORTABLE_ENV, "1")
+    lock = kernel.kernel_lock(tmp_path / "lock")
+    assert type(lock).__name__ == "_PlatformLock"
+    assert lock.try_lock()
+    other = processes.spawn(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from pytest_prewarm import kernel; "
+            "print('taken' if kernel.kernel_lock(Path(sys.argv[1])).try_lock() else 'refused')",
+            str(tmp_path / "lock"),
+        ],
+        env={PORTABLE_ENV: "1"},
+    )
+    assert other.wait() == 0
+    assert other.output().strip() == "refused"
+    lock.unlock()
+    kernel.warm_up(tmp_path / "warm")  # loads filelock's lazy parts; must not raise
+    assert "filelock" in sys.modules
