@@ -196,6 +196,49 @@ def test_the_first_request_prepares_the_default_lock_dir(layout, mode, workers):
     assert f"prewarm: this run's templates stay in {run_dir}" in summary
 
 
+LOADED_BY_THE_BUILDER = """
+    import json, os, sys
+    from pathlib import Path
+
+    def loaded():
+        return {name: name in sys.modules for name in ("psutil", "filelock")}
+
+    BEFORE = loaded()  # at collection: what pytest and its plugins loaded
+
+    def build(path):
+        # The builder's first request has taken the lock and named itself by now.
+        # pytest imported the entry point (with _version and console) before our hook ran.
+        early = {"pytest_prewarm._version", "pytest_prewarm.console", "pytest_prewarm.plugin"}
+        loaders = {type(sys.modules[name].__loader__).__name__ for name in sys.modules
+                   if name.startswith("pytest_prewarm.") and name not in early}
+        Path(os.environ["WHERE"]).write_text(
+            json.dumps({"before": BEFORE, "build": loaded(), "loaders": sorted(loaders)})
+        )
+        (path / "data.txt").write_text("built")
+
+    def test_a(prewarmed_template):
+        assert (prewarmed_template("db", build) / "data.txt").read_text() == "built"
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux has fcntl and /proc")
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_the_builder_takes_the_lock_without_psutil_filelock_or_assertion_rewriting(layout, workers):
+    # Both cost 25 ms of CPU together in every process before it could start building; on
+    # Linux a raw flock and /proc give the same lock and the same owner record.
+    suite_dir, temp_root = layout
+    write(suite_dir, LOADED_BY_THE_BUILDER)
+
+    result = run_inner(suite_dir, temp_root, "-n", workers)  # lock mode auto: the default
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    seen = json.loads((suite_dir / "where.txt").read_text())
+    assert seen["before"] == {"psutil": False, "filelock": False}  # else this proves nothing
+    assert seen["build"] == {"psutil": False, "filelock": False}
+    # and by Python's own importer: pytest's assertion rewriter doubled these imports' cost.
+    assert seen["loaders"] == ["SourceFileLoader"]
+
+
 def test_processes_that_open_one_run_dir_together_all_get_it_whole(tmp_path):
     # Eight processes race to be first; each must end with the tag and the run record.
     path = tmp_path / f"{RUN_DIR_PREFIX}race"
