@@ -293,12 +293,18 @@ def phases(out: Path, start: float, end: float) -> dict[str, float]:
     requested = [float(rec["t"]) for rec in read_jsonl(out / "requested.jsonl")]
     done = [float(rec["got"]) for rec in read_jsonl(out / "got.jsonl")]
     done += [float(rec["t"]) for rec in read_jsonl(out / "fixture_failed.jsonl")]
+    entered = [float(rec["t"]) for rec in read_jsonl(out / "builds.jsonl")]
+    returned = [float(rec["t"]) for rec in read_jsonl(out / "build_returned.jsonl")]
     result: dict[str, float] = {}
     if requested:
         result["startup_s"] = min(requested) - start
+        if entered:  # the tool's own work before the build: imports, lock dir, lock
+            result["to_build_s"] = min(entered) - min(requested)
     if done:
         result["ready_s"] = max(done) - start
         result["tail_s"] = end - max(done)
+        if returned:  # and after it: publish, release, every waiter's wake
+            result["after_build_s"] = max(done) - max(returned)
     return result
 
 
@@ -504,7 +510,7 @@ def summarize(results: list[RunResult], variant: str) -> Summary:
         bad_runs=len(mine) - len(good_ok) - len(good_fail),
         ok_phases_s={
             key: median([r.phases_s[key] for r in good_ok if key in r.phases_s])
-            for key in ("startup_s", "ready_s", "tail_s")
+            for key in ("startup_s", "ready_s", "tail_s", "to_build_s", "after_build_s")
         },
     )
 
@@ -556,6 +562,10 @@ def print_table(summaries: dict[str, Summary], args: argparse.Namespace) -> None
                 ("tail", "tail_s"),
             )
         ]
+        # The tool's own gaps inside "all have template" (see phases()), in milliseconds.
+        for label, key in (("request to build", "to_build_s"), ("build to all", "after_build_s")):
+            seconds = s.ok_phases_s.get(key)
+            cells.append(f"{label} {fmt(None if seconds is None else 1000 * seconds, '.0f')} ms")
         print(f"{variant:>8}  " + ", ".join(cells))
 
     base = summaries.get("plugin")

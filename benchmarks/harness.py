@@ -19,7 +19,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+Variant = TypeVar("Variant")
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -164,7 +166,7 @@ def load_average() -> float | None:
         return None
 
 
-def interleave(rounds: int, variants: list[str]) -> Iterable[tuple[int, str]]:
+def interleave(rounds: int, variants: list[Variant]) -> Iterable[tuple[int, Variant]]:
     """(round, variant) in the order runs are made: every variant once per round.
 
     Slow drift of a shared machine then hits every variant alike; the variants' order
