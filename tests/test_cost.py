@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import env_without_leaks
+from conftest import env_without_leaks, linux_proc_only
 
 from pytest_prewarm.exceptions import LockDirError
 from pytest_prewarm.layout import MODE_FILE, RUN_RECORD, TAG_FILE
@@ -221,6 +221,7 @@ LOADED_BY_THE_BUILDER = """
 """
 
 
+@linux_proc_only("that the builder needs neither psutil nor filelock where fcntl and /proc are")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux has fcntl and /proc")
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_the_builder_takes_the_lock_without_psutil_filelock_or_assertion_rewriting(layout, workers):

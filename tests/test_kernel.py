@@ -107,7 +107,8 @@ def test_two_locks_of_one_process_exclude_each_other_and_unlock_frees(tmp_path: 
     # A flock is per open file, not per process (unlike lockf): threads of one worker, such as
     # eager builds, exclude each other too.
     first, second = kernel.kernel_lock(tmp_path / "lock"), kernel.kernel_lock(tmp_path / "lock")
-    assert first is not None and second is not None
+    assert first is not None
+    assert second is not None
     assert first.try_lock()
     assert not second.try_lock()
     first.unlock()
@@ -116,8 +117,17 @@ def test_two_locks_of_one_process_exclude_each_other_and_unlock_frees(tmp_path: 
     second.unlock()  # a second unlock is a no-op, never an error
 
 
-@pytest.mark.parametrize("plant", ["fifo", "symlink", "directory"])
-def test_a_planted_lock_file_raises_at_once_and_changes_nothing(tmp_path: Path, plant: str) -> None:
+@pytest.mark.parametrize(
+    ("plant", "error"),
+    [
+        ("fifo", "not a regular file"),
+        ("symlink", "symbolic links"),  # ELOOP from O_NOFOLLOW
+        ("directory", "directory"),
+    ],
+)
+def test_a_planted_lock_file_raises_at_once_and_changes_nothing(
+    tmp_path: Path, plant: str, error: str
+) -> None:
     path, outside = tmp_path / "lock", tmp_path / "outside"
     outside.write_text("not yours")
     if plant == "fifo":
@@ -128,7 +138,11 @@ def test_a_planted_lock_file_raises_at_once_and_changes_nothing(tmp_path: Path, 
         path.mkdir()
     lock = kernel.kernel_lock(path)
     assert lock is not None
-    with pytest.raises(OSError):
+    if plant == "fifo" and type(lock).__name__ != "_Flock":
+        # filelock's lock (the forced portable path) may lock a FIFO without hanging; the
+        # lock file is checked before any lock is tried (test_hostile_lockdir.py).
+        pytest.skip("the raw flock's own check; filelock's lock is in use here")
+    with pytest.raises(OSError, match=error):
         lock.try_lock()
     assert outside.read_text() == "not yours"
     assert kernel.forget(-1) is False  # nothing was left tracked for a fork to close
