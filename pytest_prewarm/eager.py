@@ -27,11 +27,15 @@ def worker_index(worker: str) -> int:
     return int(digits) if digits.isdigit() else 0
 
 
+def share(templates: int, workers: int) -> int:
+    """How many templates each process builds: ceil(K / W), the first try's share."""
+    return math.ceil(templates / max(workers, 1))
+
+
 def thread_count(templates: int, workers: int, threads: int | None) -> int:
     """How many threads build side by side in one process: ``threads``, or with None
     ("auto") the process's share of the templates, at most MAX_AUTO_THREADS."""
-    share = math.ceil(templates / max(workers, 1))
-    wanted = min(share, MAX_AUTO_THREADS) if threads is None else threads
+    wanted = min(share(templates, workers), MAX_AUTO_THREADS) if threads is None else threads
     return max(1, min(wanted, templates))
 
 
@@ -47,8 +51,7 @@ class EagerBuilds:
         threads: int | None = None,
     ) -> None:
         self.store = store
-        share = math.ceil(len(requests) / max(workers, 1))
-        offset = (worker_index(store.worker) * share) % len(requests)
+        offset = (worker_index(store.worker) * share(len(requests), workers)) % len(requests)
         self.requests = requests[offset:] + requests[:offset]
         self._pending: Iterator[Request] = iter(self.requests)
         self._lock = threading.Lock()
