@@ -3,6 +3,9 @@
 "Dead" must be proven: a wrong "dead" lets two builders race, while a wrong "unknown"
 only costs a wait bounded by the stale window. So every path that cannot prove death
 returns alive or unknown.
+
+On Linux, records are written and judged from /proc alone; psutil serves the portable
+path (macOS, Windows, or forced), and fallbacks where /proc lacks something.
 """
 
 from __future__ import annotations
@@ -105,26 +108,23 @@ def pid_namespace() -> int | None:
 PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit()
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    text = _read_text(f"/proc/{pid}/stat")
-    if text is None:
-        return None
-    # The command name (field 2) may hold spaces and parentheses; fields after the last
-    # ')' are fixed. Field 3 (state) is at index 0 there.
-    return text.rpartition(")")[2].split()
+def _read_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name; raises OSError as open() does.
 
-
-def is_exiting(pid: int) -> bool:
-    """True while ``pid`` is inside exit(), before it becomes a zombie.
-
-    A SIGKILLed process drops its flocks early in exit, while /proc still shows it
-    running; a waiter granted the lock in that window must not take it for alive.
+    The command name (field 2) may hold spaces, parentheses and any bytes (a process may
+    rename itself); the fields after the last ')' are fixed and ASCII. Field 3 (the state)
+    is at index 0 there.
     """
-    fields = _stat_fields(pid)
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        data = handle.read()
+    return data.rpartition(b")")[2].decode("ascii", "replace").split()
+
+
+def _stat_fields(pid: int) -> list[str] | None:
     try:
-        return fields is not None and bool(int(fields[6]) & PF_EXITING)
-    except (IndexError, ValueError):
-        return False
+        return _read_stat(pid)
+    except OSError:
+        return None
 
 
 def start_ticks(pid: int) -> int | None:
@@ -286,7 +286,9 @@ def classify(record: OwnerRecord | None, here: HostIdentity | None = None) -> Ve
         return Verdict(Liveness.UNKNOWN, "start time unrecorded")
     if not 0 < record.pid <= MAX_PID:
         return Verdict(Liveness.UNKNOWN, f"pid {record.pid} is out of range")
-    import psutil  # on first use: most pytest processes never judge a holder
+    if by_ticks:
+        return _classify_by_proc(record)
+    import psutil  # the portable path: psutil reads what the platform offers
 
     try:
         proc = psutil.Process(record.pid)
@@ -295,35 +297,71 @@ def classify(record: OwnerRecord | None, here: HostIdentity | None = None) -> Ve
         if not LINUX:
             # No hidepid outside Linux, and os.kill(pid, 0) on Windows sends CTRL_C_EVENT.
             return Verdict(Liveness.DEAD, "no such process")  # pragma: no cover
-        # psutil reads /proc; with hidepid=2 another user's live process is invisible there.
-        # Only ESRCH from kill() proves it is gone.
-        exists = _exists_by_signal(record.pid)
-        if exists is False:
-            return Verdict(Liveness.DEAD, "no such process")
-        if exists is True:
-            return Verdict(Liveness.ALIVE, "exists but hidden from /proc")
-        return Verdict(Liveness.UNKNOWN, "existence could not be checked")  # pragma: no cover
+        return _absent_from_proc(record.pid)
     except psutil.AccessDenied:
         return Verdict(Liveness.ALIVE, "exists (access denied)")
     if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
         return Verdict(Liveness.DEAD, status)  # an unreaped corpse holds no lock
-    started = _start_matches(proc, record) if by_ticks else _created_matches(proc, record)
+    started = _created_matches(proc, record)
     if started is None:
         # Without a start time a reused pid cannot be told from the holder.
         return Verdict(Liveness.UNKNOWN, "start time unreadable")
     if not started:
         return Verdict(Liveness.DEAD, "pid reused by a newer process")
-    if by_ticks and is_exiting(record.pid):
-        return Verdict(Liveness.DEAD, "exiting")
     if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
         # Alive all the same: SIGCONT (or the debugger) lets it go on, so it is never robbed.
         return Verdict(Liveness.ALIVE, "stopped")
     return Verdict(Liveness.ALIVE, "running")
 
 
-def _start_matches(proc: psutil.Process, record: OwnerRecord) -> bool | None:
-    ticks = start_ticks(proc.pid)
-    return None if ticks is None else ticks == record.start_ticks
+def _absent_from_proc(pid: int) -> Verdict:
+    # With hidepid=2 another user's live process is invisible in /proc: only ESRCH from
+    # kill() proves it is gone.
+    exists = _exists_by_signal(pid)
+    if exists is False:
+        return Verdict(Liveness.DEAD, "no such process")
+    if exists is True:
+        return Verdict(Liveness.ALIVE, "exists but hidden from /proc")
+    return Verdict(Liveness.UNKNOWN, "existence could not be checked")  # pragma: no cover
+
+
+# psutil's names for the /proc states that decide a verdict, so verdicts read the same on
+# both paths.
+_CORPSE_STATES = {"Z": "zombie", "X": "dead", "x": "dead"}
+_STOPPED_STATES = frozenset({"T", "t"})
+
+
+def _classify_by_proc(record: OwnerRecord) -> Verdict:
+    """The Linux verdict from one read of /proc/PID/stat: what psutil reads, without it.
+
+    Importing psutil costs 10 ms of CPU, paid by the controller's end-of-run sweep and by
+    every waiter; one read is also one snapshot, where psutil's status and the start ticks
+    were two reads a pid could be reused between. Same order of proofs as the psutil path.
+    """
+    try:
+        fields = _read_stat(record.pid)
+    except PermissionError:  # hidepid=1: the process is there, its files are not ours
+        return Verdict(Liveness.ALIVE, "exists (access denied)")
+    except OSError:  # gone, or hidden (hidepid=2)
+        return _absent_from_proc(record.pid)
+    try:
+        state, flags, ticks = fields[0], int(fields[6]), int(fields[19])
+    except (IndexError, ValueError):
+        # Without a start time a reused pid cannot be told from the holder.
+        return Verdict(Liveness.UNKNOWN, "start time unreadable")
+    if state in _CORPSE_STATES:
+        return Verdict(Liveness.DEAD, _CORPSE_STATES[state])  # an unreaped corpse holds no lock
+    if ticks != record.start_ticks:
+        return Verdict(Liveness.DEAD, "pid reused by a newer process")
+    if flags & PF_EXITING:
+        # Inside exit(), not yet a zombie: a SIGKILLed process drops its flocks early in
+        # exit while its state still reads running; whoever was granted the lock in that
+        # window must not take it for alive.
+        return Verdict(Liveness.DEAD, "exiting")
+    if state in _STOPPED_STATES:
+        # Alive all the same: SIGCONT (or the debugger) lets it go on, so it is never robbed.
+        return Verdict(Liveness.ALIVE, "stopped")
+    return Verdict(Liveness.ALIVE, "running")
 
 
 # psutil derives create_time from the boot time and the start ticks on Linux and from the
@@ -352,7 +390,8 @@ def _created_matches(proc: psutil.Process, record: OwnerRecord) -> bool | None:
 
 def prepare_classify() -> None:
     """Import what ``classify`` needs now, so a later takeover does not wait for it."""
-    import psutil  # noqa: F401
+    if not _by_ticks():  # /proc alone serves the Linux path
+        import psutil  # noqa: F401
 
 
 def held_for(record: OwnerRecord) -> float:

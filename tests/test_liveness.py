@@ -402,6 +402,41 @@ def in_new_pid_ns(*argv: str, proc: bool = True) -> list[str]:
 # Same host, same boot, same pid namespace: the verdict is decided by the process itself.
 
 
+@linux_proc_only("that /proc/PID/stat is parsed whatever the command name holds")
+def test_a_holder_that_renamed_itself_to_any_bytes_is_judged(procs: Procs, tmp_path: Path) -> None:
+    # The name in /proc/PID/stat is whatever the process set (prctl, /proc/self/comm):
+    # spaces, parentheses, bytes that are not ASCII. The fields after it still decide.
+    path = tmp_path / "owner.json"
+    rename = "open('/proc/self/comm', 'wb').write('gw) \\xe9 (x'.encode())\n"
+    script = HOLD_SCRIPT.replace("write_atomic(", rename + "write_atomic(", 1)
+    holder = procs.holder([PY, "-c", script, str(path)], path)
+    assert Path(f"/proc/{holder.pid}/comm").read_bytes() == "gw) \xe9 (x\n".encode()
+    record = read_record(path)
+    assert record is not None
+    assert record.start_ticks == liveness.start_ticks(holder.pid) is not None
+    assert str(liveness.classify(record)) == "alive, running"
+    procs.release(holder)
+    assert str(liveness.classify(record)) == "dead, no such process"
+
+
+@linux_proc_only("that /proc alone serves a record and its judgement")
+def test_writing_and_judging_records_on_linux_never_imports_psutil() -> None:
+    # psutil costs 10 ms to import: the controller's end-of-run sweep and every waiter paid it.
+    code = (
+        "import os, subprocess, sys\n"
+        "from pytest_prewarm import liveness\n"
+        "gone = subprocess.Popen([sys.executable, '-c', 'pass']); gone.wait()\n"
+        "mine = liveness.own_record('gw0', 'run')\n"
+        "verdicts = [liveness.classify(mine), liveness.classify(mine._replace(pid=gone.pid))]\n"
+        "liveness.prepare_classify()\n"
+        "print([str(v) for v in verdicts], 'psutil' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [PY, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert out.strip() == "['alive, running', 'dead, no such process'] False"
+
+
 @linux_proc_only("that own_identity() records /proc start ticks")
 def test_own_identity_matches_proc() -> None:
     pid, ticks, create_time = liveness.own_identity()
