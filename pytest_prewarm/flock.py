@@ -19,6 +19,7 @@ lock two different inodes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import stat
@@ -38,6 +39,9 @@ from .locking import Acquired, Holder
 from .owner import OwnerRecord, read_record
 from .records import Meta, hold_id
 from .trust import is_mine, kind_of, why_unreadable
+
+# Why a lock file could not be made: the disk, not flock (the first request creates it).
+_CANNOT_CREATE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 # Seconds between a polling waiter's attempts where no blocking shared lock exists.
 POLL_INTERVAL = 0.005
@@ -172,6 +176,12 @@ class FlockLock:
         except (OSError, NotImplementedError) as exc:
             os.unlink(tmp)
             self._check_lock_file()  # a link or a FIFO planted since the first check
+            if isinstance(exc, OSError) and exc.errno in _CANNOT_CREATE:
+                raise PrewarmLockError(
+                    f"cannot create the lock file {self.lock_path} for template "
+                    f"{self.template!r}: {exc.strerror}. Nothing was locked or left behind; "
+                    "free space (or inodes) on the lock dir's filesystem and run again."
+                ) from exc
             raise PrewarmLockError(
                 f"cannot lock {self.lock_path} for template {self.template!r}: {exc}. "
                 "The lock dir's filesystem does not support flock; use "

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Processes, wait_until
+from conftest import Processes, Tmpfs, use_up_inodes, wait_until
 
 from pytest_prewarm import kernel
 from pytest_prewarm.portable import PORTABLE_ENV
@@ -170,3 +170,23 @@ def test_the_forced_portable_path_locks_through_filelock(
     lock.unlock()
     kernel.warm_up(tmp_path / "warm")  # loads filelock's lazy parts; must not raise
     assert "filelock" in sys.modules
+
+
+def test_a_lock_file_that_cannot_be_created_on_a_full_disk_says_so(tmpfs: Tmpfs) -> None:
+    # The owner record's temporary file takes the last inode; the lock file finds none.
+    from pytest_prewarm.exceptions import PrewarmLockError
+    from pytest_prewarm.flock import FlockLock
+    from pytest_prewarm.layout import Layout
+    from pytest_prewarm.liveness import own_record
+
+    root = tmpfs.mount("size=1m,nr_inodes=64")
+    (root / "locks").mkdir()
+    lock = FlockLock(Layout(root), "db.1234", "db")
+    use_up_inodes(root)[-1].unlink()
+    with pytest.raises(PrewarmLockError) as raised:
+        lock.try_acquire(own_record("gw0", "run"))
+    assert str(raised.value).startswith(
+        f"cannot create the lock file {root / 'locks' / 'db.1234.lock'} for template 'db': "
+        "No space left on device."
+    )
+    assert not any(p.name.startswith("db.1234") for p in (root / "locks").iterdir())
