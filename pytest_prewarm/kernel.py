@@ -91,34 +91,43 @@ def _filelock_class() -> type[BaseFileLock] | None:
 
 # -- descriptors a forked child must close ---------------------------------------------------
 
-_close_in_child: set[int] = set()
-_close_in_child_lock = threading.Lock()
+
+class _Inherited:
+    """Descriptors of this process that a forked child must close."""
+
+    def __init__(self) -> None:
+        self.fds: set[int] = set()
+        self.lock = threading.Lock()
+
+    def close_in_child(self) -> None:
+        # Another thread may have held the lock at the fork: in the child it would stay held.
+        self.lock = threading.Lock()
+        for fd in list(self.fds):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+
+
+_inherited = _Inherited()
 
 
 def keep_from_children(fd: int) -> None:
     """Close ``fd`` in any child this process forks from now on (until ``forget``)."""
-    with _close_in_child_lock:
-        _close_in_child.add(fd)
+    with _inherited.lock:
+        _inherited.fds.add(fd)
 
 
 def forget(fd: int) -> bool:
     """Stop tracking ``fd``; False if it was not tracked (someone closed it already)."""
-    with _close_in_child_lock:
-        if fd not in _close_in_child:
+    with _inherited.lock:
+        if fd not in _inherited.fds:
             return False
-        _close_in_child.discard(fd)
+        _inherited.fds.discard(fd)
         return True
 
 
-def _close_inherited() -> None:
-    for fd in list(_close_in_child):
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _close_in_child.clear()
-
-
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_inherited)
+    os.register_at_fork(after_in_child=_inherited.close_in_child)
 
 
 # -- the two implementations -------------------------------------------------------------------

@@ -190,3 +190,42 @@ def test_a_lock_file_that_cannot_be_created_on_a_full_disk_says_so(tmpfs: Tmpfs)
         "No space left on device."
     )
     assert not any(p.name.startswith("db.1234") for p in (root / "locks").iterdir())
+
+
+FORK_WHILE_LOCKED = """
+import os, sys, threading, time
+from pathlib import Path
+from pytest_prewarm import kernel
+
+held, done = threading.Event(), threading.Event()
+
+def hold():  # as a thread inside keep_from_children() at the moment of the fork
+    with kernel._inherited.lock:
+        held.set()
+        done.wait()
+
+threading.Thread(target=hold, daemon=True).start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    lock = kernel.kernel_lock(Path(sys.argv[1]))
+    os._exit(0 if lock.try_lock() else 1)
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    if os.waitpid(pid, os.WNOHANG)[0]:
+        print("child took the lock")
+        break
+    time.sleep(0.01)
+else:
+    os.kill(pid, 9)
+    print("child hung")
+done.set()
+"""
+
+
+def test_a_child_forked_while_another_thread_held_the_registry_can_still_lock(
+    processes: Processes, tmp_path: Path
+) -> None:
+    proc = processes.python(FORK_WHILE_LOCKED, str(tmp_path / "lock"))
+    assert proc.wait() == 0, proc.output()
+    assert "child took the lock" in proc.output()
