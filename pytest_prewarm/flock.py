@@ -41,7 +41,11 @@ from .records import Meta, hold_id
 from .trust import is_mine, kind_of, why_unreadable
 
 # Why a lock file could not be made: the disk, not flock (the first request creates it).
-_CANNOT_CREATE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+_CANNOT_CREATE = {
+    errno.ENOSPC: "free space (or inodes) on the lock dir's filesystem",
+    errno.EDQUOT: "free space within your disk quota on the lock dir's filesystem",
+    errno.EROFS: "put --prewarm-lock-dir on a writable filesystem",
+}
 
 # Seconds between a polling waiter's attempts where no blocking shared lock exists.
 POLL_INTERVAL = 0.005
@@ -75,12 +79,11 @@ class _ReleaseWatch:
     """One-shot: fires when the exclusive holder of ``path`` releases (or dies)."""
 
     def __init__(self, path: Path, fcntl: ModuleType) -> None:
-        # os.open makes descriptors non-inheritable (O_CLOEXEC) by default.
         # Non-blocking open: a FIFO planted where the lock file was must not hang us here.
-        self._fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK)
+        # Closed in a forked child, which inherits it without the thread that would close
+        # it (and with it, for a moment, a shared lock that would block every builder).
+        self._fd = kernel.open_kept(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK)
         self._fcntl = fcntl
-        # A forked child inherits it without the thread that would close it.
-        kernel.keep_from_children(self._fd)
         self.fired = threading.Event()
         self.started = clock.monotonic()
         thread = threading.Thread(target=self._run, name=f"prewarm-watch:{path.name}")
@@ -180,7 +183,7 @@ class FlockLock:
                 raise PrewarmLockError(
                     f"cannot create the lock file {self.lock_path} for template "
                     f"{self.template!r}: {exc.strerror}. Nothing was locked or left behind; "
-                    "free space (or inodes) on the lock dir's filesystem and run again."
+                    f"{_CANNOT_CREATE[exc.errno]} and run again."
                 ) from exc
             raise PrewarmLockError(
                 f"cannot lock {self.lock_path} for template {self.template!r}: {exc}. "

@@ -93,15 +93,25 @@ def _filelock_class() -> type[BaseFileLock] | None:
 
 
 class _Inherited:
-    """Descriptors of this process that a forked child must close."""
+    """Descriptors of this process that a forked child must close.
+
+    A fork waits for the lock (``before``), so no thread can fork between opening a
+    descriptor and registering it: a child with an unregistered copy of a locked
+    descriptor would keep the lock after its parent died.
+    """
 
     def __init__(self) -> None:
         self.fds: set[int] = set()
         self.lock = threading.Lock()
 
+    def before_fork(self) -> None:
+        self.lock.acquire()
+
+    def after_fork_in_parent(self) -> None:
+        self.lock.release()
+
     def close_in_child(self) -> None:
-        # Another thread may have held the lock at the fork: in the child it would stay held.
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the parent's copy was held across the fork
         for fd in list(self.fds):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -111,10 +121,15 @@ class _Inherited:
 _inherited = _Inherited()
 
 
-def keep_from_children(fd: int) -> None:
-    """Close ``fd`` in any child this process forks from now on (until ``forget``)."""
+def open_kept(path: Path, flags: int) -> int:
+    """``os.open`` (close-on-exec, mode 0o600 if created), closed in every forked child.
+
+    Opened and registered under the fork lock: never inherited by a fork in between.
+    """
     with _inherited.lock:
+        fd = os.open(path, flags | O_CLOEXEC, 0o600)
         _inherited.fds.add(fd)
+    return fd
 
 
 def forget(fd: int) -> bool:
@@ -127,7 +142,11 @@ def forget(fd: int) -> bool:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_inherited.close_in_child)
+    os.register_at_fork(
+        before=_inherited.before_fork,
+        after_in_parent=_inherited.after_fork_in_parent,
+        after_in_child=_inherited.close_in_child,
+    )
 
 
 # -- the two implementations -------------------------------------------------------------------
@@ -140,25 +159,26 @@ class _Flock:
         self._fd: int | None = None
 
     def try_lock(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0o600)
+        if self._fd is not None:  # an attempt interrupted right after its flock: let it go
+            self.unlock()
+        self._fd = fd = open_kept(self.path, os.O_RDWR | os.O_CREAT | O_NOFOLLOW | O_NONBLOCK)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(errno.EINVAL, f"{self.path} is not a regular file")
             self._fcntl.flock(fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
-        except OSError as exc:
+        except BaseException as exc:  # a signal's exception (a test timeout) included
+            self._fd = None
+            forget(fd)
             os.close(fd)
-            if exc.errno in _CONTENDED:
+            if isinstance(exc, OSError) and exc.errno in _CONTENDED:
                 return False
             raise
-        keep_from_children(fd)
-        self._fd = fd
         return True
 
     def unlock(self) -> None:
         fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        forget(fd)
+        if fd is None or not forget(fd):
+            return  # not held, or this is a forked child that closed its inherited copy
         try:
             self._fcntl.flock(fd, self._fcntl.LOCK_UN)
         finally:

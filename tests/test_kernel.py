@@ -42,8 +42,19 @@ elif what == "fork-and-exit":
     pid = os.fork()
     if pid == 0:
         os._exit(0)
-    os.waitpid(pid, 0)
-    print("child gone", pid, flush=True)
+    _, status = os.waitpid(pid, 0)
+    print("child gone", os.waitstatus_to_exitcode(status), flush=True)
+elif what == "fork-and-unlock":
+    # A child that unwinds through the holder's release: its inherited copy is already
+    # closed, and the number may belong to a file of its own by now.
+    pid = os.fork()
+    if pid == 0:
+        mine = os.open(sys.argv[3], os.O_WRONLY | os.O_CREAT)
+        lock.unlock()
+        os.write(mine, b"still mine")
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print("child gone", os.waitstatus_to_exitcode(status), flush=True)
 elif what == "exec-and-stay":
     child = subprocess.Popen(
         [sys.executable, "-c", "import os, sys; os.read(os.open(sys.argv[1], os.O_RDONLY), 1)",
@@ -88,16 +99,19 @@ def test_a_child_that_outlives_the_killed_holder_does_not_keep_the_lock(
     os.kill(child, signal.SIGKILL)
 
 
-def test_a_forked_child_that_exits_leaves_the_parent_holding(
-    processes: Processes, tmp_path: Path
+@pytest.mark.parametrize("how", ["fork-and-exit", "fork-and-unlock"])
+def test_a_forked_child_that_exits_or_unlocks_leaves_the_parent_holding(
+    processes: Processes, tmp_path: Path, how: str
 ) -> None:
-    path = tmp_path / "lock"
-    holder = processes.python(HOLDER, str(path), "fork-and-exit")
+    path, own = tmp_path / "lock", tmp_path / "childs-own-file"
+    holder = processes.python(HOLDER, str(path), how, str(own))
     wait_until(lambda: "holding" in holder.output(), what="the holder to take the lock")
-    assert "child gone" in holder.output()
+    assert "child gone 0" in holder.output(), holder.output()
+    if how == "fork-and-unlock":
+        assert own.read_bytes() == b"still mine"  # its unlock did not close the child's file
     mine = kernel.kernel_lock(path)
     assert mine is not None
-    assert not mine.try_lock(), "the child's exit released its live parent's lock"
+    assert not mine.try_lock(), f"the {how} child released its live parent's lock"
     holder.kill()
     assert mine.try_lock()
     mine.unlock()
@@ -192,40 +206,49 @@ def test_a_lock_file_that_cannot_be_created_on_a_full_disk_says_so(tmpfs: Tmpfs)
     assert not any(p.name.startswith("db.1234") for p in (root / "locks").iterdir())
 
 
-FORK_WHILE_LOCKED = """
-import os, sys, threading, time
+FORK_DURING_REGISTRATION = """
+import os, sys, threading
 from pathlib import Path
 from pytest_prewarm import kernel
 
-held, done = threading.Event(), threading.Event()
+opened, forked = threading.Event(), threading.Event()
+fd = None
 
-def hold():  # as a thread inside keep_from_children() at the moment of the fork
+def register():  # what open_kept() does, with a fork requested in the middle of it
+    global fd
     with kernel._inherited.lock:
-        held.set()
-        done.wait()
+        fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+        opened.set()
+        # A fork must wait for this registration, so it cannot come now: the bounded wait
+        # runs out. Without the fork gate the fork happens here, with the fd unregistered.
+        forked.wait(2)
+        kernel._inherited.fds.add(fd)
 
-threading.Thread(target=hold, daemon=True).start()
-held.wait()
+thread = threading.Thread(target=register)
+thread.start()
+opened.wait(30)
 pid = os.fork()
 if pid == 0:
-    lock = kernel.kernel_lock(Path(sys.argv[1]))
-    os._exit(0 if lock.try_lock() else 1)
-deadline = time.monotonic() + 30
-while time.monotonic() < deadline:
-    if os.waitpid(pid, os.WNOHANG)[0]:
-        print("child took the lock")
-        break
-    time.sleep(0.01)
-else:
-    os.kill(pid, 9)
-    print("child hung")
-done.set()
+    try:
+        os.fstat(fd)
+    except OSError:
+        inherited = False
+    else:
+        inherited = True
+    lock = kernel.kernel_lock(Path(sys.argv[1] + ".lock"))
+    os._exit(3 if inherited else (0 if lock.try_lock() else 1))
+forked.set()
+thread.join(30)
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status))
 """
 
 
-def test_a_child_forked_while_another_thread_held_the_registry_can_still_lock(
+def test_a_fork_during_a_registration_waits_and_the_child_holds_no_copy(
     processes: Processes, tmp_path: Path
 ) -> None:
-    proc = processes.python(FORK_WHILE_LOCKED, str(tmp_path / "lock"))
+    # 3: the child kept a descriptor opened before the fork (it would keep a lock alive);
+    # 1: the child could not take a lock of its own (a registry lock held for ever).
+    proc = processes.python(FORK_DURING_REGISTRATION, str(tmp_path / "file"))
     assert proc.wait() == 0, proc.output()
-    assert "child took the lock" in proc.output()
+    assert "child exit 0" in proc.output()
