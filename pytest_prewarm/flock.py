@@ -58,12 +58,13 @@ def probe(directory: Path) -> str | None:
     the same fresh lock dir never meet each other: contention cannot pass for a missing
     feature.
     """
+    if not kernel.available():  # before any file is made for the probe
+        return "no kernel file lock on this platform (the fcntl module is missing)"
     fd, name = tempfile.mkstemp(prefix=".prewarm-flock-probe-", dir=directory)
     os.close(fd)
     probe_lock = kernel.kernel_lock(Path(name))
+    assert probe_lock is not None  # available() said so
     try:
-        if probe_lock is None:
-            return "no kernel file lock on this platform (the fcntl module is missing)"
         if not probe_lock.try_lock():
             return "flock refused (a fresh private file read as locked)"
         probe_lock.unlock()

@@ -50,6 +50,11 @@ class KernelLock(Protocol):
     def unlock(self) -> None: ...
 
 
+def available() -> bool:
+    """Whether this platform has an exclusive kernel lock (filelock's soft one does not count)."""
+    return portable.fcntl_module() is not None or _filelock_class() is not None
+
+
 def kernel_lock(path: Path) -> KernelLock | None:
     """An exclusive lock on ``path`` (created if missing), or None where there is none."""
     fcntl = portable.fcntl_module()

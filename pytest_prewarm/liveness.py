@@ -107,6 +107,9 @@ def pid_namespace() -> int | None:
 
 PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit()
 
+# Indexes into _read_stat's fields (fields 3, 9 and 22 of proc(5), counted from 1).
+_STATE, _FLAGS, _START_TICKS = 0, 6, 19
+
 
 def _read_stat(pid: int) -> list[str]:
     """The fields of /proc/PID/stat after the command name; raises OSError as open() does.
@@ -136,7 +139,7 @@ def start_ticks(pid: int) -> int | None:
     if fields is None:
         return None
     try:
-        return int(fields[19])  # field 22
+        return int(fields[_START_TICKS])
     except (IndexError, ValueError):
         return None
 
@@ -345,7 +348,8 @@ def _classify_by_proc(record: OwnerRecord) -> Verdict:
     except OSError:  # gone, or hidden (hidepid=2)
         return _absent_from_proc(record.pid)
     try:
-        state, flags, ticks = fields[0], int(fields[6]), int(fields[19])
+        state, flags = fields[_STATE], int(fields[_FLAGS])
+        ticks = int(fields[_START_TICKS])
     except (IndexError, ValueError):
         # Without a start time a reused pid cannot be told from the holder.
         return Verdict(Liveness.UNKNOWN, "start time unreadable")

@@ -307,7 +307,7 @@ def open_run_dir(path: Path, run_id: str, creator_pid: int) -> None:
     the dir of a run still going. Older runs' dirs are swept when this run ends
     (``retire_run_dir``), not here: the first request is on a build's critical path.
     """
-    from .liveness import own_record  # psutil, and only for a run that uses a template
+    from .liveness import own_record  # only for a run that uses a template
 
     try:
         os.mkdir(path, 0o700)
@@ -405,7 +405,7 @@ def sweep_orphans(temp_root: Path | None = None, *, keep: int = 0) -> list[Path]
     read, before its run's liveness is judged: run after run of failing builds kept
     hundreds of them, and judging each one's run made every run's end 100 ms longer.
     """
-    from .liveness import Liveness, classify  # psutil, and only for a run that uses a template
+    from .liveness import Liveness, classify  # only for a run that uses a template
     from .owner import read_record
 
     root = temp_root or Path(tempfile.gettempdir())
