@@ -413,20 +413,21 @@ def test_a_dir_kept_for_a_recent_log_is_not_one_of_the_runs_kept(tmp_path):
     assert fresh_outside.read_text() == "not ours\n"
 
 
-def test_a_fifo_or_a_link_named_like_a_log_keeps_no_dir_and_blocks_nothing(tmp_path):
-    dead = ended_runs(tmp_path, 3)
+def test_a_fifo_a_link_or_a_dir_named_like_a_log_keeps_no_dir_and_blocks_nothing(tmp_path):
+    dead = ended_runs(tmp_path, 4)
     for run in dead:
         (run / "failures" / "db.1234").mkdir(parents=True)
     os.mkfifo(dead[0] / "failures" / "db.1234" / "run.log")  # opening it would block
     fresh_outside = tmp_path / "elsewhere.txt"
     fresh_outside.write_text("not ours\n")
     (dead[1] / "failures" / "db.1234" / "run.log").symlink_to(fresh_outside)
-    (dead[2] / "failures" / "db.1234" / "run.log").write_text("the error\n")
+    (dead[2] / "failures" / "db.1234" / "run.log").mkdir()
+    (dead[3] / "failures" / "db.1234" / "run.log").write_text("the error\n")
 
     removed = sweep_orphans(tmp_path, keep=0)
 
-    assert sorted(removed) == sorted(dead[:2])  # only a real, recent log keeps its dir
-    assert (dead[2] / "failures" / "db.1234" / "run.log").read_text() == "the error\n"
+    assert sorted(removed) == sorted(dead[:3])  # only a real, recent log keeps its dir
+    assert (dead[3] / "failures" / "db.1234" / "run.log").read_text() == "the error\n"
     assert fresh_outside.read_text() == "not ours\n"
 
 

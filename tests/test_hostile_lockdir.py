@@ -306,23 +306,32 @@ def test_a_template_planted_by_another_user_is_never_served(hostile, other_user)
 # -- special files where records should be ----------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink"])
-def test_a_special_file_at_the_lock_file_fails_fast_with_its_own_words(hostile, kind):
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink", "other user"])
+def test_a_special_file_at_the_lock_file_fails_fast_with_its_own_words(hostile, kind, request):
     lock_dir = hostile.root / "locks"
     assert hostile.run("--prewarm-lock-dir", str(lock_dir))[0] == 0
     shutil.rmtree(Layout(lock_dir).template_dir(db_tid()))
     lock = Layout(lock_dir).lock_file(db_tid())
-    lock.unlink()
+    if kind == "other user":  # a lock file of another user: never locked through
+        other = request.getfixturevalue("other_user")
+        os.chown(lock, other.pw_uid, other.pw_gid)
+    else:
+        lock.unlink()
     if kind == "fifo":
         os.mkfifo(lock)
     elif kind == "directory":
         lock.mkdir()
-    else:
+    elif kind == "symlink":
         lock.symlink_to(hostile.victim / "notes.txt")
 
     code, out, seconds = hostile.run("-n", "2", "--prewarm-lock-dir", str(lock_dir), bound=60)
 
-    words = {"fifo": "a FIFO", "directory": "a directory", "symlink": "a symbolic link"}[kind]
+    words = {
+        "fifo": "a FIFO",
+        "directory": "a directory",
+        "symlink": "a symbolic link",
+        "other user": "another user's file",
+    }[kind]
     assert code == 1, out
     assert f"the lock file {lock} is {words}, not a lock file pytest-prewarm made" in out
     assert "does not support flock" not in out
