@@ -99,7 +99,7 @@ prewarm_state._make_core = make_core
 if os.environ.get("BENCH_PREIMPORT") == "1":
     # Split the first request's time: with the core's modules already imported, what
     # remains is the work itself (lock dir, mode probe and pin, store, event log).
-    import filelock, psutil  # noqa: F401
+    import filelock, psutil  # noqa: F401  (loaded by the portable path only)
     import pytest_prewarm.events, pytest_prewarm.flock, pytest_prewarm.lockdir  # noqa: F401
     import pytest_prewarm.request  # noqa: F401
 """

@@ -1,7 +1,7 @@
 """Options, ini settings and their validation, resolved once into a frozen Settings."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: see "What a module costs to load" in
+# docs/architecture.md.
 import math
 import os
 from pathlib import Path
@@ -378,7 +378,7 @@ class Settings(NamedTuple):
         return heartbeat_for(self.stale_after.value)
 
     @classmethod
-    def from_config(cls, config: pytest.Config) -> Settings:
+    def from_config(cls, config: pytest.Config) -> "Settings":
         lock_raw = _raw(config, "lock-dir")
         lock_dir = Setting(None, "default")
         if lock_raw is not None:

@@ -6,8 +6,8 @@ worker that crashes still reports what it did. No pytest import: the plugin only
 the log what xdist delivers.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: see "What a module costs to load" in
+# docs/architecture.md.
 import json
 import os
 import threading
@@ -49,7 +49,7 @@ class TemplateEvent(NamedTuple):
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TemplateEvent:
+    def from_dict(cls, data: dict[str, Any]) -> "TemplateEvent":
         if data.keys() <= _FIELD_SET:  # the usual case, checked in C: no copy
             return cls(**data)
         return cls(**{name: data[name] for name in _FIELDS if name in data})

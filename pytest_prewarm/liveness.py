@@ -8,8 +8,8 @@ On Linux, records are written and judged from /proc alone; psutil serves the por
 path (macOS, Windows, or forced), and fallbacks where /proc lacks something.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: see "What a module costs to load" in
+# docs/architecture.md.
 import errno
 import os
 import socket
@@ -376,7 +376,7 @@ def _classify_by_proc(record: OwnerRecord) -> Verdict:
 CREATE_TIME_TOLERANCE = 0.005
 
 
-def _created_matches(proc: psutil.Process, record: OwnerRecord) -> bool | None:
+def _created_matches(proc: "psutil.Process", record: OwnerRecord) -> bool | None:
     """Start-time check where /proc has no start ticks (macOS, Windows): psutil's create_time.
 
     It moves when the wall clock is stepped, so a holder started before a clock step reads

@@ -6,8 +6,8 @@ exclude). ``locks.lock_factory`` picks one per process, once; request code never
 which one it has.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: see "What a module costs to load" in
+# docs/architecture.md.
 from pathlib import Path
 from typing import NamedTuple, Protocol
 

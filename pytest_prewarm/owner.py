@@ -1,7 +1,7 @@
 """The owner record: who holds a template's lock, written atomically and read defensively."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: see "What a module costs to load" in
+# docs/architecture.md.
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -44,7 +44,7 @@ class OwnerRecord(NamedTuple):
         """Whether the record says its holder still holds (it never released cleanly)."""
         return self.state == RecordState.HELD
 
-    def released(self) -> OwnerRecord:
+    def released(self) -> "OwnerRecord":
         return self._replace(state=RecordState.RELEASED.value)
 
     def describe(self, *, local_hostname: str | None = None) -> str:

@@ -5,8 +5,8 @@ about absence: a record from another version or a torn write decodes as ``None``
 published, no failure), never as an exception.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: see "What a module costs to load" in
+# docs/architecture.md.
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -47,7 +47,7 @@ class Meta(NamedTuple):
     data_path: str | None = None  # where it was built: in-place templates name that path
     requires: dict[str, str] | None = None  # the layers it was built on: name -> digest
 
-    def replace(self, **changes: Any) -> Meta:
+    def replace(self, **changes: Any) -> "Meta":
         return self._replace(**changes)
 
     def to_json(self) -> str:
@@ -73,7 +73,7 @@ class Meta(NamedTuple):
         )
 
     @classmethod
-    def read(cls, path: Path) -> Meta | None:
+    def read(cls, path: Path) -> "Meta | None":
         data = read_json_object(path)
         if data is None or data.get("format") not in READABLE_FORMATS:
             return None

@@ -1,7 +1,7 @@
 """Builders registered by name with ``@pytest_prewarm.template("db")``."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: see "What a module costs to load" in
+# docs/architecture.md.
 import inspect
 from collections.abc import Callable
 from pathlib import Path

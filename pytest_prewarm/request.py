@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from . import clock
-from .capture import BuildOutput, command_output, tail
-from .digest import MAX_MANIFEST_BYTES, digest_of, first_difference, manifest
 from .events import TemplateEvent
 from .exceptions import (
     DISK_FULL,
@@ -39,15 +37,6 @@ from .exceptions import (
     PrewarmWarning,
     timeout_hint,
 )
-from .failure import (
-    MAX_MESSAGE,
-    MAX_TRACEBACK,
-    builder_traceback,
-    clip,
-    disk_full_hint,
-    safe_str,
-    staging_scrubber,
-)
 from .files import delete_in_background, read_bounded, write_atomic
 from .kinds import LockMode, Origin, Outcome
 from .layout import DATA_DIR, META_FILE, Layout, template_id
@@ -57,11 +46,14 @@ from .locks import lock_factory
 from .names import canonical_key, check_name
 from .records import Meta, failure_to_json, hold_id, read_failure
 from .registry import Registry
-from .supply import Supplied
 from .trust import check_dir, is_mine, kind_of, make_dir, remove_tree
-from .values import json_round_trip, type_name
 
 if TYPE_CHECKING:
+    # Loaded where they are used: a process that waits for a template, or reuses one,
+    # never runs a build, records a failure or verifies a restored tree, and every
+    # module less is one less to load in each worker's first request (see issue 13).
+    from .capture import BuildOutput
+    from .supply import Supplied
     from .teardown import Instance  # only templates with a teardown load teardown.py
 
 Builder = Callable[..., Any]  # build(path), or build(path, layers) with requires=
@@ -707,6 +699,8 @@ class _Fetch:
         """Call the builder, with its output captured; its JSON value and how long it took."""
         __tracebackhide__ = True  # users need the builder's frames, not ours
         started = clock.monotonic()
+        from .values import json_round_trip
+
         try:
             # The build's stdout and stderr, teed to its log (see capture.py); with a
             # teardown, each service it starts is recorded as it starts.
@@ -809,6 +803,8 @@ class _Fetch:
         is built again in another boot, never served unverified. A full disk is still an
         error of the lock dir.
         """
+        from .digest import digest_of, manifest
+
         try:
             tree = manifest(attempt / DATA_DIR)
         except OSError as exc:
@@ -849,6 +845,8 @@ class _Fetch:
                 f"restored to another path (built in {previous.data_path}); a template "
                 "may record its own path, so it is built again here"
             )
+        from .digest import MAX_MANIFEST_BYTES, digest_of, first_difference, manifest
+
         started = clock.monotonic()
         raw = read_bounded(self.layout.manifest_file(self.tid, previous.build), MAX_MANIFEST_BYTES)
         recorded = None if raw is None else raw.decode("utf-8", "replace")
@@ -909,6 +907,18 @@ class _Fetch:
         shows. The staging paths in it are replaced by BUILD_DIR_MARK: the staging is
         discarded, and no message names a path that is gone.
         """
+        from .capture import command_output, tail
+        from .failure import (
+            MAX_MESSAGE,
+            MAX_TRACEBACK,
+            builder_traceback,
+            clip,
+            disk_full_hint,
+            safe_str,
+            staging_scrubber,
+        )
+        from .values import type_name
+
         if isinstance(exc, OSError) and exc.errno in DISK_FULL:
             output.discard()  # the record needs the room; the tail stays in the error
         scrub = staging_scrubber(self.layout.root, attempt)
@@ -941,6 +951,8 @@ class _Fetch:
 
     def _capture(self, data: Path) -> BuildOutput:
         """The build's output: a partial log in failures/, kept only if the build fails."""
+        from .capture import BuildOutput
+
         for stale in self.layout.partial_logs(self.tid):
             with contextlib.suppress(OSError):
                 stale.unlink()  # we hold the lock: a dead builder's

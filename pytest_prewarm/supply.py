@@ -6,8 +6,8 @@ deletes it. Specs come from the command line, the environment variable and the i
 for one name the command line wins over the environment, which wins over the ini file.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: see "What a module costs to load" in
+# docs/architecture.md.
 import os
 from collections.abc import Iterable
 from pathlib import Path
