@@ -4,6 +4,9 @@
 Variants (each a generated test suite, run in a subprocess):
 
 * ``plugin``: pytest-prewarm's ``prewarmed_template`` fixture.
+* ``marker``: pytest-prewarm with the builder registered (``@pytest_prewarm.template``) and
+  the tests marked ``@pytest.mark.prewarm("db")``, so each worker starts the build in the
+  background as soon as it has collected (eager builds), before its first test.
 * ``recipe``: pytest-xdist's documented FileLock recipe ("Making session-scoped fixtures
   execute only once"), written out here for a template directory.
 * ``sss``: pytest-shared-session-scope, in its yield form (its plain-return form builds once
@@ -20,6 +23,7 @@ the packages of the variants to run. See benchmarks/README.md for how to read th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -32,19 +36,21 @@ import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import harness
 from harness import RESULTS_DIR, fmt, kill_group, median, read_jsonl
 
 HERE = Path(__file__).resolve().parent
 
-VARIANTS: tuple[str, ...] = ("plugin", "recipe", "sss")
+VARIANTS: tuple[str, ...] = ("plugin", "marker", "recipe", "sss")
 SCENARIOS: tuple[str, ...] = ("ok", "fail")
 
 # The module each variant needs; checked with the target interpreter before any run, so a
 # missing package skips that variant with a message instead of failing every run.
 REQUIRED_IMPORTS: dict[str, str] = {
     "plugin": "pytest_prewarm.plugin",
+    "marker": "pytest_prewarm.plugin",
     "recipe": "filelock",
     "sss": "pytest_shared_session_scope",
 }
@@ -53,6 +59,7 @@ REQUIRED_IMPORTS: dict[str, str] = {
 # plugins, so that no variant pays for hooks (lock dirs, reports) of a tool it does not use.
 ENTRY_POINTS: dict[str, str] = {
     "plugin": "prewarm",
+    "marker": "prewarm",
     "sss": "pytest-shared-session-scope",
 }
 
@@ -80,6 +87,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,6 +163,49 @@ VARIANT_CONFTEST: dict[str, str] = {
 @pytest.fixture(scope="session")
 def template_dir(prewarmed_template):
     return prewarmed_template("db", build_template)
+""",
+    # The marker's fetch runs before the test's fixtures, so this worker's request is
+    # stamped when its first test starts, not in _bench_requested's body (which this one
+    # replaces: the later definition of a name in a module is the one pytest sees).
+    "marker": """
+
+import pytest_prewarm
+
+_first_test_started = []
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not _first_test_started:
+        _first_test_started.append(time.monotonic())
+    return (yield)
+
+
+@pytest.fixture(scope="session")
+def _bench_requested():
+    _append("requested.jsonl", {"worker": WORKER, "t": _first_test_started[0]})
+    return _first_test_started[0]
+
+
+_failed = []
+
+
+def pytest_runtest_logreport(report):
+    # A failed build fails the marker's fetch, before any fixture: stamp its first error.
+    # (The controller sees the workers' reports too: only the workers' own count.)
+    if WORKER != "master" and report.when == "setup" and report.failed and not _failed:
+        _failed.append(True)
+        _append("fixture_failed.jsonl", {"worker": WORKER, "t": time.monotonic()})
+
+
+@pytest_prewarm.template("db")
+def _build_db(path):
+    return build_template(path)
+
+
+@pytest.fixture(scope="session")
+def template_dir(prewarmed_template):
+    return prewarmed_template("db")
 """,
     # Same structure as the xdist docs' recipe: shared dir = basetemp's parent, master check,
     # FileLock on "<data file>.lock", read the data file if it exists, else produce and write
@@ -248,7 +299,10 @@ def write_suite(root: Path, variant: str, n_tests: int) -> Path:
     suite.mkdir(parents=True)
     (suite / "pytest.ini").write_text(PYTEST_INI)
     (suite / "conftest.py").write_text(COMMON_CONFTEST + VARIANT_CONFTEST[variant])
-    (suite / "test_template.py").write_text(TEST_MODULE.format(n_tests=n_tests))
+    module = TEST_MODULE.format(n_tests=n_tests)
+    if variant == "marker":
+        module += '\npytestmark = pytest.mark.prewarm("db")\n'
+    (suite / "test_template.py").write_text(module)
     return suite
 
 
@@ -337,8 +391,8 @@ def run_once(
         BENCH_FAIL="1" if scenario == "fail" else "0",
     )
     cmd = [python, "-m", "pytest", "-n", str(workers), "-p", "no:cacheprovider", "-q"]
-    for other, entry_point in ENTRY_POINTS.items():
-        if other != variant:
+    for entry_point in sorted(set(ENTRY_POINTS.values())):
+        if entry_point != ENTRY_POINTS.get(variant):
             cmd += ["-p", f"no:{entry_point}"]
     # A fresh basetemp per run isolates the run from every other pytest run on the machine
     # (the recipe and sss keep their shared files in basetemp's parent, i.e. this directory).
@@ -568,13 +622,15 @@ def print_table(summaries: dict[str, Summary], args: argparse.Namespace) -> None
             cells.append(f"{label} {fmt(None if seconds is None else 1000 * seconds, '.0f')} ms")
         print(f"{variant:>8}  " + ", ".join(cells))
 
-    base = summaries.get("plugin")
-    if base is None:
-        return
     print()
-    for other in ("recipe", "sss"):
-        theirs = summaries.get(other)
-        if theirs is None:
+    for mine, other in (
+        ("plugin", "recipe"),
+        ("plugin", "sss"),
+        ("marker", "recipe"),
+        ("marker", "plugin"),
+    ):
+        base, theirs = summaries.get(mine), summaries.get(other)
+        if base is None or theirs is None:
             continue
         parts = []
         for label, attr in (
@@ -588,7 +644,7 @@ def print_table(summaries: dict[str, Summary], args: argparse.Namespace) -> None
             num, den = getattr(base, attr), getattr(theirs, attr)
             ratio = "-" if num is None or not den else f"{num / den:.2f}"
             parts.append(f"{label} {ratio}")
-        print(f"plugin/{other}: " + ", ".join(parts))
+        print(f"{mine}/{other}: " + ", ".join(parts))
 
 
 def describe(r: RunResult) -> str:
@@ -613,7 +669,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--build-seconds", type=float, default=2.0, help="sleep in the ok build (default 2)"
     )
     p.add_argument(
-        "--only", default=",".join(VARIANTS), help="comma-separated subset of plugin,recipe,sss"
+        "--only", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
     )
     p.add_argument(
         "--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of ok,fail"
@@ -649,10 +705,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # With --json, stdout carries the JSON alone: the progress and the tables go to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        payload, status = run(args)
+    if args.json:
+        harness.emit_json({k: payload[k] for k in ("args", "versions", "machine", "summary")})
+    return status
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     variants, versions = check_interpreter(args.python, args.variants)
     if not variants:
         print("error: no variant can run", file=sys.stderr)
-        return 2
+        sys.exit(2)
     print("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
     # Other work on the machine is the main source of noise: show how busy it was.
     load_before = os.getloadavg()
@@ -709,10 +774,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [asdict(r) for r in results],
     }
     output.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nraw results: {output}", file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        harness.emit_json({k: payload[k] for k in ("args", "versions", "machine", "summary")})
-    return 1 if any(s.bad_runs for s in summaries.values()) else 0
+    print(f"\nraw results: {output}")
+    return payload, 1 if any(s.bad_runs for s in summaries.values()) else 0
 
 
 if __name__ == "__main__":

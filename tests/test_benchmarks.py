@@ -57,3 +57,27 @@ def test_the_in_process_scale_parts_run_and_print_json(tmp_path: Path) -> None:
     assert [row["published"] for row in data["lockdir"]] == [0, 10]
     assert data["lockdir"][1]["get_one_ms"] > 0
     assert json.loads(results.read_text())["waits"] == data["waits"]
+
+
+@pytest.mark.slow
+def test_the_marker_variant_builds_once_and_fails_once(tmp_path: Path) -> None:
+    # The one-template benchmark's eager-build variant: a real run at -n 2, both scenarios.
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_shared_build.py"),
+            *("--only", "marker", "--runs", "1", "--warmup", "0", "--workers", "2"),
+            *("--tests", "4", "--build-seconds", "0.2", "--json"),
+            *("--output", str(tmp_path / "results.json")),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    marker = json.loads(done.stdout)["summary"]["marker"]
+    assert marker["builds"] == 1
+    assert marker["fail_attempts"] == 1
+    assert marker["bad_runs"] == 0
+    assert marker["fail_spread_ms"] is not None  # each worker's failed setup was stamped
