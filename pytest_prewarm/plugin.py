@@ -37,6 +37,7 @@ WORKEROUTPUT_LOCK_MODE = "prewarm_lock_mode"
 
 PINNED = "pinned in the lock dir"  # in the reason of a mode found pinned (lockdir.settle_mode)
 MARKER = "prewarm"
+FIXTURE_NAME = "prewarmed_template"
 MARKER_LINE = (
     "prewarm(*names): the test needs these templates, registered with "
     "@pytest_prewarm.template(name). They are ready before the test's setup (built early, "
@@ -448,6 +449,20 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         workers=_worker_count(),
         threads=state.settings.eager_threads,
     ).start()
+
+
+@pytest.hookimpl(trylast=True, specname="pytest_collection_finish")
+def pytest_collection_finish_load_core(session: pytest.Session) -> None:
+    # trylast: a worker has sent its collection to the controller by now, so these
+    # imports overlap with the controller's scheduling instead of delaying it.
+    if (
+        STATE_KEY in session.config.stash
+        and not session.config.option.collectonly
+        and any(FIXTURE_NAME in getattr(item, "fixturenames", ()) for item in session.items)
+    ):
+        from .state import load_core
+
+        load_core()
 
 
 def _worker_count() -> int:

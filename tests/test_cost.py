@@ -240,6 +240,65 @@ def test_the_builder_takes_the_lock_without_psutil_filelock_or_assertion_rewriti
     assert seen["loaders"] == ["SourceFileLoader"]
 
 
+SEEN_AT_FIRST_SETUP = """
+    import json, os, sys
+    from pathlib import Path
+
+
+    def pytest_runtest_setup(item):
+        seen = Path(os.environ["WHERE"]).with_name(
+            os.environ.get("PYTEST_XDIST_WORKER", "main") + ".json"
+        )
+        if not seen.exists():  # this process's first test, before its fixtures
+            temp = Path(os.environ["TMPDIR"])
+            made = sorted(p.name for p in temp.iterdir() if "prewarm" in p.name)
+            core = "pytest_prewarm.request" in sys.modules
+            seen.write_text(json.dumps({"core": core, "made": made}))
+
+
+    def pytest_unconfigure(config):
+        if config.option.collectonly:
+            Path(os.environ["WHERE"]).with_name("co.json").write_text(
+                json.dumps({"core": "pytest_prewarm.request" in sys.modules})
+            )
+"""
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_suite_that_uses_the_fixture_loads_the_core_at_collection_and_makes_nothing(
+    layout, workers
+):
+    # Loaded in the first request, the core's imports were paid by every worker at once on
+    # the way to the lock; a process about to run tests that use the fixture loads them at
+    # the end of its collection instead. Loading makes nothing: the fixture's setup does.
+    suite_dir, temp_root = layout
+    write(suite_dir, USES)
+    (suite_dir / "conftest.py").write_text(textwrap.dedent(SEEN_AT_FIRST_SETUP))
+
+    result = run_inner(suite_dir, temp_root, "-n", workers)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    seen = [json.loads(p.read_text()) for p in suite_dir.glob("*.json") if p.name != "co.json"]
+    assert len(seen) == (1 if workers == "0" else 2)
+    assert all(s["core"] for s in seen), seen
+    if workers == "0":  # (under xdist the other worker's setup may have made it by then)
+        assert seen[0]["made"] == []
+
+
+def test_collecting_or_running_tests_that_do_not_use_the_fixture_loads_no_core(layout):
+    suite_dir, temp_root = layout
+    (suite_dir / "conftest.py").write_text(textwrap.dedent(SEEN_AT_FIRST_SETUP))
+    write(suite_dir, UNUSED)
+    result = run_inner(suite_dir, temp_root, "-p", "no:xdist")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((suite_dir / "main.json").read_text()) == {"core": False, "made": []}
+
+    write(suite_dir, USES)  # --collect-only runs no test: nothing to load the core for
+    result = run_inner(suite_dir, temp_root, "-p", "no:xdist", "--co")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((suite_dir / "co.json").read_text()) == {"core": False}
+
+
 def test_processes_that_open_one_run_dir_together_all_get_it_whole(tmp_path):
     # Eight processes race to be first; each must end with the tag and the run record.
     path = tmp_path / f"{RUN_DIR_PREFIX}race"
