@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,22 +37,27 @@ def test_each_benchmark_script_starts(script: str) -> None:
     assert "usage:" in done.stdout
 
 
-def test_the_in_process_scale_parts_run_and_print_json(tmp_path: Path) -> None:
-    results = tmp_path / "results.json"
+def json_of(script: str, *args: str, bound: float) -> Any:
+    """Run a benchmark with ``--json``; what it printed on stdout, which must be JSON alone."""
     done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "bench_scale.py"),
-            *("--only", "waits,lockdir", "--waits", "10,100", "--published", "0,10"),
-            *("--rounds", "1", "--json", "--output", str(results)),
-        ],
+        [sys.executable, str(BENCHMARKS / script), *args, "--json"],
         check=False,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=bound,
     )
-    assert done.returncode == 0, done.stderr
-    data = json.loads(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_in_process_scale_parts_run_and_print_json(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    data = json_of(
+        "bench_scale.py",
+        *("--only", "waits,lockdir", "--waits", "10,100", "--published", "0,10"),
+        *("--rounds", "1", "--output", str(results)),
+        bound=120,
+    )
     assert [row["waits"] for row in data["waits"]] == [10, 100]
     assert all(row["summary_and_json_ms"] > 0 for row in data["waits"])
     assert [row["published"] for row in data["lockdir"]] == [0, 10]
@@ -62,21 +68,13 @@ def test_the_in_process_scale_parts_run_and_print_json(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_the_marker_variant_builds_once_and_fails_once(tmp_path: Path) -> None:
     # The one-template benchmark's eager-build variant: a real run at -n 2, both scenarios.
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "bench_shared_build.py"),
-            *("--only", "marker", "--runs", "1", "--warmup", "0", "--workers", "2"),
-            *("--tests", "4", "--build-seconds", "0.2", "--json"),
-            *("--output", str(tmp_path / "results.json")),
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=240,
+    data = json_of(
+        "bench_shared_build.py",
+        *("--only", "marker", "--runs", "1", "--warmup", "0", "--workers", "2"),
+        *("--tests", "4", "--build-seconds", "0.2", "--output", str(tmp_path / "results.json")),
+        bound=240,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    marker = json.loads(done.stdout)["summary"]["marker"]
+    marker = data["summary"]["marker"]
     assert marker["builds"] == 1
     assert marker["fail_attempts"] == 1
     assert marker["bad_runs"] == 0
