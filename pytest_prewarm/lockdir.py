@@ -14,13 +14,8 @@ from .files import read_bounded, write_temp
 from .fstype import filesystem_type, flock_untrusted
 from .kinds import LockMode
 from .layout import RUN_RECORD, TAG_FILE, TAG_SIGNATURE, TAG_TEXT, Layout
+from .rundir import RUN_DIR_PREFIX
 from .trust import check_dir, dir_problem, is_mine, kind_of, remove_tree
-
-# Per-run default dirs live directly in the system temp dir, not under pytest-of-USER:
-# pytest's numbered-dir cleanup deletes unknown "pytest-*" folders there, which would wipe
-# a lock dir under a running suite.
-RUN_DIR_PREFIX = "pytest-prewarm-run-"
-
 
 # Names a lock dir of pytest-prewarm 0.1 (made before the tag file existed) can hold; such a
 # dir, owned by this user and holding nothing else, is adopted rather than refused.
@@ -290,11 +285,6 @@ def pin_mode(path: Path, mode: LockMode, why: str) -> None:
             f"{mode} mode ({why}); the two do not exclude each other. Pass "
             f"--prewarm-lock-mode {existing}, or use another --prewarm-lock-dir"
         )
-
-
-def run_dir_path(run_id: str) -> Path:
-    """Where this run's default lock dir goes: decided at start-up, created on first use."""
-    return Path(tempfile.gettempdir()) / f"{RUN_DIR_PREFIX}{run_id}"
 
 
 def open_run_dir(path: Path, run_id: str, creator_pid: int) -> None:

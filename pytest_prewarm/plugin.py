@@ -333,7 +333,8 @@ class XdistHooks:
         received = output.get(WORKEROUTPUT_EVENTS)
         if received is None:
             return  # crashed: its events are read from the lock dir at summary time
-        state.reported.append((str(node.workerinput["workerid"]), received))
+        if received:  # a worker that used no template adds nothing, nor loads the event log
+            state.reported.append((str(node.workerinput["workerid"]), received))
         mode = output.get(WORKEROUTPUT_LOCK_MODE)
         # The report names why the mode was chosen: the worker that chose it says so, the
         # others only found it pinned.

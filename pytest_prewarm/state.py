@@ -84,7 +84,7 @@ class State:
     @property
     def lock_dir(self) -> Path:
         if self._lock_dir is None:
-            from .lockdir import run_dir_path
+            from .rundir import run_dir_path  # a leaf: the controller of every xdist run
 
             self._lock_dir = run_dir_path(self.run_id)  # tempfile.gettempdir(): on demand
         return self._lock_dir

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pytest_prewarm"
 # Lowest first. A module may import modules of lower layers only (function-level, lazy
 # imports included); docs/architecture.md draws the same picture.
 LAYERS: list[set[str]] = [
-    {"_version", "clock", "kinds", "exceptions", "console", "portable", "capture"},
+    {"_version", "clock", "kinds", "exceptions", "console", "portable", "capture", "rundir"},
     {"names", "trust", "fstype", "values", "services"},
     {"files", "supply"},
     {"owner", "digest", "kernel"},

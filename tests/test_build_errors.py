@@ -20,8 +20,9 @@ import pytest
 
 import pytest_prewarm
 from pytest_prewarm import PrewarmBuildError
-from pytest_prewarm.lockdir import RUN_DIR_PREFIX, sweep_orphans
+from pytest_prewarm.lockdir import sweep_orphans
 from pytest_prewarm.request import LOGS_KEPT, Request, TemplateStore
+from pytest_prewarm.rundir import RUN_DIR_PREFIX
 
 PACKAGE_DIR = Path(pytest_prewarm.__file__).resolve().parent
 ROOT_CAUSE = 'psql: ERROR: relation "users" does not exist'

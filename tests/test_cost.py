@@ -20,13 +20,13 @@ from conftest import env_without_leaks, linux_proc_only
 from pytest_prewarm.exceptions import LockDirError
 from pytest_prewarm.layout import MODE_FILE, RUN_RECORD, TAG_FILE
 from pytest_prewarm.lockdir import (
-    RUN_DIR_PREFIX,
     check_at_start,
     open_run_dir,
     read_pin,
     sweep_orphans,
 )
 from pytest_prewarm.owner import read_record
+from pytest_prewarm.rundir import RUN_DIR_PREFIX
 
 UNUSED = """
     def test_one():
@@ -150,6 +150,36 @@ def test_a_run_without_templates_under_xdist_creates_no_lock_dir(layout):
     # xdist's workers make pytest's own basetemp; nothing of ours is there.
     assert [p for p in tree(temp_root) if "prewarm" in p] == []
     assert "prewarm: lock dir" not in result.stdout
+
+
+MODULES_AT_THE_END = """
+    import json, os, sys
+    from pathlib import Path
+
+
+    def pytest_unconfigure(config):
+        who = os.environ.get("PYTEST_XDIST_WORKER", "controller")
+        loaded = sorted(m for m in sys.modules if m.startswith("pytest_prewarm."))
+        Path(os.environ["WHERE"]).with_name(who + ".json").write_text(json.dumps(loaded))
+"""
+
+
+def test_no_process_of_an_xdist_run_without_templates_loads_the_core(layout):
+    # The controller names the lock dir's path for its workers and takes their (empty)
+    # reports in every xdist run: neither may load the lock dir code or the event log.
+    suite_dir, temp_root = layout
+    write(suite_dir, UNUSED)
+    (suite_dir / "conftest.py").write_text(textwrap.dedent(MODULES_AT_THE_END))
+
+    result = run_inner(suite_dir, temp_root, "-n", "2")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    start_up = {"_version", "clock", "config", "console", "plugin", "state"}
+    loaded = {p.stem: json.loads(p.read_text()) for p in suite_dir.glob("*.json")}
+    assert sorted(loaded) == ["controller", "gw0", "gw1"]
+    for who, modules in loaded.items():
+        extra = {m.removeprefix("pytest_prewarm.") for m in modules} - start_up
+        assert extra <= ({"rundir"} if who == "controller" else set()), (who, extra)
 
 
 def test_an_explicit_lock_dir_is_checked_at_start_up_but_made_on_first_use(layout):

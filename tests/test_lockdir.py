@@ -18,15 +18,14 @@ from pytest_prewarm.kinds import LockMode
 from pytest_prewarm.layout import TAG_FILE, Layout
 from pytest_prewarm.liveness import own_record
 from pytest_prewarm.lockdir import (
-    RUN_DIR_PREFIX,
     choose_lock_mode,
     open_run_dir,
     pin_mode,
     prepare,
     remove_run_dir,
-    run_dir_path,
     sweep_orphans,
 )
+from pytest_prewarm.rundir import RUN_DIR_PREFIX, run_dir_path
 
 # -- adopting a directory that has no tag ---------------------------------------------------
 
