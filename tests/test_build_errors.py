@@ -299,7 +299,9 @@ def test_a_path_value_is_its_published_str_and_other_values_fail_in_one_line(sui
     assert sorted(a["kind"] for a in suite.attempts()) == ["nan", "object", "path", "set"]
     values = suite.records("value")
     assert {v["worker"] for v in values} == {"gw0", "gw1"}
-    assert sorted(v["origin"] for v in values) == ["built", "waited"]
+    # The other worker waited, or (if the build was done before it asked) reused it.
+    origins = sorted(v["origin"] for v in values)
+    assert origins in (["built", "waited"], ["built", "reused"]), origins
     for value in values:
         published = Path(value["path"])
         assert value["value"] == {
