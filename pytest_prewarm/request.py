@@ -698,9 +698,9 @@ class _Fetch:
     ) -> tuple[Any, float]:
         """Call the builder, with its output captured; its JSON value and how long it took."""
         __tracebackhide__ = True  # users need the builder's frames, not ours
-        started = clock.monotonic()
-        from .values import json_round_trip
+        from .values import json_round_trip  # before the clock: not the builder's time
 
+        started = clock.monotonic()
         try:
             # The build's stdout and stderr, teed to its log (see capture.py); with a
             # teardown, each service it starts is recorded as it starts.
