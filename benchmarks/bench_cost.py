@@ -212,8 +212,18 @@ def bench_collect(python: str, work: Path, rounds: int) -> dict[str, Any]:
             cpu[variant].append(run.cpu_s)
             wall[variant].append(run.wall_s)
     med = {v: harness.median(cpu[v]) for v in variants}
+    # This VM's CPU time for one and the same run spreads by 2x (210 to 400 ms), so the
+    # ratio of two medians of 20 moves by several percent from one invocation to the next.
+    # The two runs of a round are made back to back and see the same machine: the median
+    # of the rounds' own ratios cancels that drift, and the ratio of the minimums compares
+    # the least disturbed run of each, as timeit does.
+    paired = [p / n for p, n in zip(cpu["plugin"], cpu["no:prewarm"], strict=True) if n]
     return {
         "cpu_median_s": med,
+        "cpu_paired_ratio": harness.median(paired),
+        "cpu_min_ratio": harness.ratio(
+            min(cpu["plugin"], default=None), min(cpu["no:prewarm"], default=None)
+        ),
         "wall_median_s": {v: harness.median(wall[v]) for v in variants},
         "cpu_ratio": harness.ratio(med["plugin"], med["no:prewarm"]),
         "wall_ratio": harness.ratio(
@@ -298,6 +308,9 @@ def print_report(data: dict[str, Any]) -> None:
         cpu_ratio = harness.fmt(c["cpu_ratio"], ".3f")
         wall_ratio = harness.fmt(c["wall_ratio"], ".3f")
         print(f"  ratio plugin / no:prewarm: cpu {cpu_ratio}, wall {wall_ratio}")
+        paired = harness.fmt(c["cpu_paired_ratio"], ".3f")
+        least = harness.fmt(c["cpu_min_ratio"], ".3f")
+        print(f"  cpu: median of the rounds' own ratios {paired}, ratio of the minimums {least}")
         print(f"  problems (files created, lines printed, failures): {c['problems'] or 'none'}")
     if "startup" in data:
         s = data["startup"]
