@@ -35,6 +35,10 @@ what = sys.argv[2]
 if what == "fork-and-stay":
     pid = os.fork()
     if pid == 0:
+        # The child closes its copy in the after-fork hook, before os.fork returns here; a
+        # kill of the parent before the child has run that far would find the copy still
+        # open, so the child says when it is past it.
+        print("past the fork hook", flush=True)
         os.read(os.open(sys.argv[3], os.O_RDONLY), 1)  # a FIFO nobody writes: stays alive
         os._exit(0)
     print("child", pid, flush=True)
@@ -88,6 +92,8 @@ def test_a_child_that_outlives_the_killed_holder_does_not_keep_the_lock(
     os.mkfifo(fifo)
     holder = processes.python(HOLDER, str(path), how, str(fifo))
     wait_until(lambda: "holding" in holder.output(), what="the holder to take the lock")
+    if how == "fork-and-stay":
+        wait_until(lambda: "past the fork hook" in holder.output(), what="the child's fork hook")
     child = _child_pid(holder.output())
     mine = kernel.kernel_lock(path)
     assert mine is not None
