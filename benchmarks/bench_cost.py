@@ -9,6 +9,10 @@ Four measurements, each against its peers in the same invocation, runs interleav
   against ``-p no:prewarm``, in pairs; CPU time of the whole process. Goal: the ratio of the
   medians <= 1.02. Each plugin run has TMPDIR pointed at an empty directory that must stay
   empty, and must print no ``prewarm`` line.
+* ``instructions`` (opt-in, needs valgrind): the same two ``pytest --co`` runs under
+  cachegrind, which counts the instructions the process executes. The count is the same
+  from one run to the next (hash seed fixed), where this VM's CPU time for one and the same
+  run spreads by 2x: it shows a 1 % difference that 20 pairs of CPU times cannot.
 * ``startup``: a run at ``-n 8`` whose tests use one template: the plugin's own start-up
   work in each process (settings at configure; the core's imports, at the end of
   collection since the tests use the fixture; and on the first request: lock dir, mode
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -182,10 +187,7 @@ def bench_import(python: str, work: Path, rounds: int) -> dict[str, Any]:
 
 
 def bench_collect(python: str, work: Path, rounds: int) -> dict[str, Any]:
-    suite = work / "unused"
-    suite.mkdir()
-    (suite / "pytest.ini").write_text(harness.PYTEST_INI)
-    (suite / "test_unused.py").write_text(UNUSED_SUITE)
+    suite = _collect_suite(work)
     temp_root = work / "empty-tmp"
     temp_root.mkdir()
     env = harness.pytest_env(work, TMPDIR=str(temp_root))
@@ -230,6 +232,56 @@ def bench_collect(python: str, work: Path, rounds: int) -> dict[str, Any]:
             harness.median(wall["plugin"]), harness.median(wall["no:prewarm"])
         ),
         "pairs": rounds,
+        "problems": problems,
+    }
+
+
+def _collect_suite(work: Path) -> Path:
+    suite = work / "unused"
+    if not suite.exists():
+        suite.mkdir()
+        (suite / "pytest.ini").write_text(harness.PYTEST_INI)
+        (suite / "test_unused.py").write_text(UNUSED_SUITE)
+    return suite
+
+
+INSTRUCTIONS = re.compile(r"I\s+refs:\s+([\d,]+)")
+
+
+def bench_instructions(python: str, work: Path, rounds: int) -> dict[str, Any]:
+    """``pytest --co`` with and without the plugin, instructions counted by cachegrind."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        return {"skipped": "valgrind not found (Debian: apt-get install valgrind)"}
+    suite = _collect_suite(work)
+    # A fixed hash seed: set and dict orders, and so the work, are then the same every run.
+    env = harness.pytest_env(work, PYTHONHASHSEED="0")
+    base = [python, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
+    variants = {"plugin": base, "no:prewarm": [*base, "-p", "no:prewarm"]}
+    for cmd in variants.values():  # fill the bytecode cache: compiling is not measured
+        harness.run_timed(cmd, cwd=suite, env=env, timeout=120)
+    counts: dict[str, list[int]] = {v: [] for v in variants}
+    problems: list[str] = []
+    grind = [valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
+    for round_no, variant in harness.interleave(rounds, list(variants)):
+        log = work / "logs" / f"instructions-{variant}-{round_no}.log"
+        run = harness.run_timed(
+            [*grind, *variants[variant]], cwd=suite, env=env, timeout=600, log=log
+        )
+        found = INSTRUCTIONS.search(run.output())
+        if run.returncode != 0 or found is None:
+            problems.append(
+                f"{variant} round {round_no}: exit {run.returncode}: {run.output()[-300:]}"
+            )
+            continue
+        counts[variant].append(int(found.group(1).replace(",", "")))
+    med = {v: harness.median(c) for v, c in counts.items()}
+    plugin, without = med["plugin"], med["no:prewarm"]
+    return {
+        "instructions": counts,
+        "ratio": harness.ratio(plugin, without),
+        "added": None if plugin is None or without is None else round(plugin - without),
+        "rounds": rounds,
         "problems": problems,
     }
 
@@ -312,6 +364,17 @@ def print_report(data: dict[str, Any]) -> None:
         least = harness.fmt(c["cpu_min_ratio"], ".3f")
         print(f"  cpu: median of the rounds' own ratios {paired}, ratio of the minimums {least}")
         print(f"  problems (files created, lines printed, failures): {c['problems'] or 'none'}")
+    if "instructions" in data:
+        n = data["instructions"]
+        print("\npytest --co, 20 tests, no template: instructions counted by cachegrind")
+        if "skipped" in n:
+            print(f"  skipped: {n['skipped']}")
+        else:
+            for variant, counts in n["instructions"].items():
+                print(f"  {variant:<12} {', '.join(f'{c:,}' for c in counts)}")
+            added = "-" if n["added"] is None else f"{n['added']:,}"
+            print(f"  ratio plugin / no:prewarm: {harness.fmt(n['ratio'], '.4f')} ({added} added)")
+            print(f"  problems: {n['problems'] or 'none'}")
     if "startup" in data:
         s = data["startup"]
         print(
@@ -334,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--startup-rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--instruction-rounds", type=int, default=2)
     parser.add_argument("--only", default="import,collect,startup")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -347,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             data["import"] = bench_import(args.python, work, args.rounds)
         if "collect" in only:
             data["collect"] = bench_collect(args.python, work, args.rounds)
+        if "instructions" in only:
+            data["instructions"] = bench_instructions(args.python, work, args.instruction_rounds)
         if "startup" in only:
             data["startup"] = bench_startup(args.python, work, args.startup_rounds, args.workers)
     data["machine_after"] = harness.machine()
@@ -356,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print_report(data)
     problems = [
-        p for part in ("collect", "startup") for p in data.get(part, {}).get("problems", [])
+        p
+        for part in ("collect", "instructions", "startup")
+        for p in data.get(part, {}).get("problems", [])
     ]
     return 1 if problems else 0
 
