@@ -23,6 +23,10 @@ _LEGACY_NAMES = frozenset(
     {"locks", "staging", "templates", "failures", "trash", "events", "lock-mode"}
     | {".prewarm-flock-probe", RUN_RECORD}
 )
+# Every version before the tag made these five together, on its first request. Names alone
+# are weak evidence: a user's own folder holding only trash/ or templates/ would otherwise be
+# adopted, and adoption empties trash/ and supersedes what templates/ holds.
+_LEGACY_MADE_TOGETHER = frozenset({"locks", "staging", "templates", "failures", "trash"})
 
 
 def _full_disk_words(exc: OSError) -> str:
@@ -123,7 +127,7 @@ def _refuse_foreign(layout: Layout, hint: str) -> None:
         raise LockDirError(f"cannot list lock dir {str(layout.root)!r}: {exc.strerror}") from exc
     if _is_tagged(layout):
         return  # a run starting at the same moment adopted it first
-    legacy = bool(entries) and set(entries) <= _LEGACY_NAMES
+    legacy = _LEGACY_MADE_TOGETHER <= set(entries) <= _LEGACY_NAMES
     if legacy:
         for name in entries:
             check_dir_or_mine(layout.root / name)
@@ -131,8 +135,9 @@ def _refuse_foreign(layout: Layout, hint: str) -> None:
         shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
         raise LockDirError(
             f"lock dir {str(layout.root)!r} is not empty ({shown}) and was not made by "
-            f"pytest-prewarm (it has no {TAG_FILE} file); nothing in it was touched. "
-            f"A lock dir must be one of its own; {hint}"
+            f"pytest-prewarm (it has no {TAG_FILE} file, nor all of "
+            f"{', '.join(sorted(_LEGACY_MADE_TOGETHER))} as an earlier version made them); "
+            f"nothing in it was touched. A lock dir must be one of its own; {hint}"
         )
 
 

@@ -18,6 +18,7 @@ from pytest_prewarm.kinds import LockMode
 from pytest_prewarm.layout import TAG_FILE, Layout
 from pytest_prewarm.liveness import own_record
 from pytest_prewarm.lockdir import (
+    check_at_start,
     choose_lock_mode,
     open_run_dir,
     pin_mode,
@@ -30,9 +31,18 @@ from pytest_prewarm.rundir import RUN_DIR_PREFIX, run_dir_path
 # -- adopting a directory that has no tag ---------------------------------------------------
 
 
+LEGACY_SUBDIRS = ("locks", "staging", "templates", "failures", "trash")
+
+
+def _legacy(root: Path, mode: int = 0o700) -> Path:
+    """A lock dir as every version before the tag left it: its five subdirectories."""
+    for sub in LEGACY_SUBDIRS:
+        (root / sub).mkdir(parents=True, mode=mode)
+    return root
+
+
 def test_a_legacy_lock_dir_holding_a_special_file_is_refused_and_left_untouched(tmp_path):
-    legacy = tmp_path / "legacy"
-    (legacy / "locks").mkdir(parents=True, mode=0o700)
+    legacy = _legacy(tmp_path / "legacy")
     os.mkfifo(legacy / "lock-mode")
 
     with pytest.raises(LockDirError) as info:
@@ -42,13 +52,12 @@ def test_a_legacy_lock_dir_holding_a_special_file_is_refused_and_left_untouched(
         f"{legacy / 'lock-mode'} is a FIFO that pytest-prewarm did not make; nothing was "
         "touched. Remove it, or use another --prewarm-lock-dir."
     )
-    assert sorted(p.name for p in legacy.iterdir()) == ["lock-mode", "locks"]
+    assert sorted(p.name for p in legacy.iterdir()) == sorted(["lock-mode", *LEGACY_SUBDIRS])
     assert stat.S_ISFIFO(os.lstat(legacy / "lock-mode").st_mode)
 
 
 def test_a_legacy_lock_dir_with_a_shared_subdirectory_is_refused(tmp_path):
-    legacy = tmp_path / "legacy"
-    (legacy / "staging").mkdir(parents=True)
+    legacy = _legacy(tmp_path / "legacy")
     (legacy / "staging").chmod(0o777)
 
     with pytest.raises(LockDirError, match=r"staging is writable by other users \(mode 0777"):
@@ -58,14 +67,33 @@ def test_a_legacy_lock_dir_with_a_shared_subdirectory_is_refused(tmp_path):
 
 
 def test_a_legacy_lock_dir_of_regular_files_and_directories_is_adopted(tmp_path):
-    legacy = tmp_path / "legacy"
-    (legacy / "templates").mkdir(parents=True, mode=0o700)
+    legacy = _legacy(tmp_path / "legacy")
     (legacy / "lock-mode").write_text("lease\n")
 
     assert prepare(legacy, "ini") == legacy
 
     assert (legacy / TAG_FILE).read_text().startswith("Signature: pytest-prewarm lock dir")
     assert (legacy / "lock-mode").read_text() == "lease\n"
+
+
+@pytest.mark.parametrize("names", [("trash",), ("trash", "templates"), LEGACY_SUBDIRS[1:]])
+def test_a_users_folder_with_some_of_the_legacy_names_is_refused_and_untouched(
+    tmp_path: Path, names: tuple[str, ...]
+) -> None:
+    # Adopting it would empty its trash/ and supersede what its templates/ holds.
+    folder = tmp_path / "mine"
+    for name in names:
+        (folder / name / "photos").mkdir(parents=True)
+        (folder / name / "photos" / "img1.jpg").write_text("precious")
+    before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+    with pytest.raises(LockDirError, match="was not made by pytest-prewarm") as info:
+        prepare(folder, "--prewarm-lock-dir")
+
+    assert "nothing in it was touched" in str(info.value)
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
+    with pytest.raises(LockDirError, match="was not made by pytest-prewarm"):
+        check_at_start(folder, "--prewarm-lock-dir")
 
 
 def test_marking_a_lock_dir_on_a_disk_without_inodes_is_a_clear_error(tmpfs: Tmpfs):
