@@ -311,9 +311,17 @@ def _lock_dir_path(config: pytest.Config, text: str, source: str) -> Path:
             f"prewarm: lock dir {text!r} from {source} is empty, which would mean the "
             f"rootdir {config.rootpath}; {fix}"
         )
-    path = Path(text).expanduser()
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError as exc:  # "~someone" who has no home on this machine
+        raise pytest.UsageError(f"prewarm: lock dir {text!r} from {source}: {exc}; {fix}") from None
     if not path.is_absolute():
         path = config.rootpath / path
+    from .trust import link_problem  # only runs that name a lock dir pay for it
+
+    problem = link_problem(path)
+    if problem is not None:
+        raise pytest.UsageError(f"prewarm: {problem} (value {text!r} from {source})")
     real = Path(os.path.realpath(path))
     if real == Path(real.anchor):
         raise pytest.UsageError(
@@ -332,7 +340,13 @@ def _output_file(config: pytest.Config, suffix: str, example: str) -> Path | Non
     raw = _raw(config, suffix)
     if raw is None:
         return None
-    path = Path(str(raw.value)).expanduser()
+    try:
+        path = Path(str(raw.value)).expanduser()
+    except RuntimeError as exc:  # "~someone" who has no home on this machine
+        raise pytest.UsageError(
+            f"prewarm: report file {str(raw.value)!r} from {raw.source}: {exc}; give a path "
+            f"such as {example}"
+        ) from None
     if not path.is_absolute():
         path = config.invocation_params.dir / path
     if path.is_dir():

@@ -15,7 +15,7 @@ from .fstype import filesystem_type, flock_untrusted
 from .kinds import LockMode
 from .layout import RUN_RECORD, TAG_FILE, TAG_SIGNATURE, TAG_TEXT, Layout
 from .rundir import RUN_DIR_PREFIX
-from .trust import check_dir, dir_problem, is_mine, kind_of, remove_tree
+from .trust import ancestor_problem, check_dir, dir_problem, is_mine, kind_of, remove_tree
 
 # Names a lock dir of pytest-prewarm 0.1 (made before the tag file existed) can hold; such a
 # dir, owned by this user and holding nothing else, is adopted rather than refused.
@@ -68,6 +68,7 @@ def check_at_start(path: Path, source: str) -> None:
     an earlier version, and writable.
     """
     hint = _hint(path, source)
+    _check_ancestors(path)
     if _lstat_lock_dir(path, hint) is None:
         ancestor = path.parent
         while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
@@ -93,6 +94,7 @@ def prepare(path: Path, source: str) -> Path:
     (or of several) may prepare one lock dir at the same moment: every step is create-once.
     """
     hint = _hint(path, source)
+    _check_ancestors(path)
     info = _lstat_lock_dir(path, hint)
     if info is None:
         try:
@@ -107,6 +109,12 @@ def prepare(path: Path, source: str) -> Path:
         _adopt(layout, hint)
     _prove_writable(layout, hint)
     return path
+
+
+def _check_ancestors(path: Path) -> None:
+    problem = ancestor_problem(path)
+    if problem is not None:
+        raise LockDirError(f"{problem}; nothing was changed")
 
 
 def _is_tagged(layout: Layout) -> bool:

@@ -48,7 +48,10 @@ def parse(specs: Iterable[tuple[str, str]], base: Path) -> dict[str, Supplied]:
             check_name(name)
         except PrewarmUsageError as exc:
             raise PrewarmUsageError(f"{spec!r} from {source}: {exc}") from None
-        path = Path(where.strip()).expanduser()
+        try:
+            path = Path(where.strip()).expanduser()
+        except RuntimeError as exc:  # "~someone" who has no home on this machine
+            raise PrewarmUsageError(f"{spec!r} from {source}: {exc}") from None
         path = path if path.is_absolute() else base / path
         if not path.is_dir():
             what = "does not exist" if not os.path.lexists(path) else "is not a directory"

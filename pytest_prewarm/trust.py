@@ -87,6 +87,63 @@ def dir_problem(path: Path, *, shared_ok: bool = False) -> str | None:
     return None
 
 
+def link_problem(given: Path) -> str | None:
+    """Why the lock dir path as the user wrote it must not be followed, or None.
+
+    Links on the way are how a path reaches a real place (macOS's /tmp is a link to
+    /private/tmp), so a link owned by root or by the running user is followed. One owned
+    by anyone else could be pointed anywhere the running user may write, between one run
+    and the next; and the lock dir itself must be a directory, never a link to one.
+    """
+    current = Path(given.anchor)
+    parts = given.parts[1:]
+    for index, part in enumerate(parts):
+        current = current / part
+        try:
+            info = os.lstat(current)
+        except OSError:  # missing (we create the rest) or unreadable: later checks say why
+            return None
+        if not stat.S_ISLNK(info.st_mode):
+            continue
+        target = os.readlink(current)
+        if index == len(parts) - 1:
+            return (
+                f"the lock dir {current} is a symbolic link (to {target}); a lock dir is "
+                "never reached through a link: name the directory itself"
+            )
+        if info.st_uid not in (0, my_uid()):
+            return (
+                f"{current} on the lock dir's path is a symbolic link (to {target}) owned "
+                f"by {owner_name(info.st_uid)}, who could point it elsewhere; name a path "
+                "without it"
+            )
+    return None
+
+
+def ancestor_problem(real: Path) -> str | None:
+    """Why a directory above the (resolved) lock dir lets others swap it, or None.
+
+    Whoever may write in a parent that is not sticky can rename the lock dir away and put
+    a directory or link of their own in its place while a run uses it. Group-writable
+    parents are allowed: with a private group per user, the default on Debian and
+    Fedora, that group is the user alone.
+    """
+    for parent in real.parents:
+        try:
+            info = os.lstat(parent)
+        except OSError:
+            continue  # not created yet: we create it, owner-only
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            return (
+                f"{parent}, above the lock dir, is writable by every user and not sticky "
+                f"(mode {mode:04o}), so anyone could replace the lock dir while a run uses "
+                f"it; run: chmod o-w {parent} (or chmod +t {parent}), or use another "
+                "--prewarm-lock-dir"
+            )
+    return None
+
+
 def check_dir(path: Path, *, shared_ok: bool = False) -> None:
     """Raise LockDirError when ``path`` exists and is not a directory we may use."""
     problem = dir_problem(path, shared_ok=shared_ok)

@@ -256,6 +256,81 @@ def test_a_world_writable_lock_dir_without_the_sticky_bit_is_refused(hostile):
     assert f"chmod go-w {shared}" in out
 
 
+@pytest.mark.parametrize("owner", ["other", "me"])
+def test_a_lock_dir_that_is_a_symlink_is_refused_and_its_target_left_alone(
+    hostile, other_user, owner
+):
+    # Another user's link in /tmp pointing at a place the victim may write: followed, the
+    # victim would create and fill the target. Our own link is refused too (docs/usage.md).
+    shared = hostile.root / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    target = hostile.victim / "lockdir-here"
+    link = shared / "prewarm-shared"
+    link.symlink_to(target)
+    if owner == "other":
+        os.lchown(link, other_user.pw_uid, other_user.pw_gid)
+
+    code, out, _ = hostile.run("--prewarm-lock-dir", str(link))
+
+    assert code == 4, out
+    assert f"the lock dir {link} is a symbolic link (to {target})" in out
+    assert "name the directory itself" in out
+    assert not os.path.lexists(target)
+    assert hostile.victim_untouched()
+    assert hostile.builds() == 0
+
+
+def test_a_link_of_another_user_on_the_lock_dirs_path_is_refused(hostile, other_user):
+    shared = hostile.root / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    (shared / "link").symlink_to(hostile.victim)
+    os.lchown(shared / "link", other_user.pw_uid, other_user.pw_gid)
+
+    code, out, _ = hostile.run("--prewarm-lock-dir", str(shared / "link" / "locks"))
+
+    assert code == 4, out
+    assert f"{shared / 'link'} on the lock dir's path is a symbolic link" in out
+    assert f"owned by {OTHER_USER}" in out
+    assert hostile.victim_untouched()
+
+
+def test_a_link_of_the_users_own_on_the_lock_dirs_path_is_followed(hostile):
+    # How macOS reaches /private/tmp from /tmp, and how many CI caches are mounted.
+    real = hostile.root / "real"
+    real.mkdir()
+    (hostile.root / "via").symlink_to(real)
+
+    code, out, _ = hostile.run("--prewarm-lock-dir", str(hostile.root / "via" / "locks"))
+
+    assert code == 0, out
+    assert (real / "locks" / TAG_FILE).is_file()
+
+
+def test_a_lock_dir_below_a_parent_anyone_may_write_is_refused(hostile):
+    # Not sticky: another user could rename the lock dir away mid-run and put theirs there.
+    open_parent = hostile.root / "open"
+    open_parent.mkdir()
+    open_parent.chmod(0o777)
+
+    code, out, _ = hostile.run("--prewarm-lock-dir", str(open_parent / "locks"))
+
+    assert code == 4, out
+    assert f"{open_parent}, above the lock dir, is writable by every user and not sticky" in out
+    assert f"chmod o-w {open_parent}" in out
+    assert list(open_parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["--prewarm-lock-dir", "--prewarm-json"])
+def test_a_home_of_an_unknown_user_is_a_usage_error(hostile, option):
+    code, out, _ = hostile.run(f"{option}=~no-such-user-here/x")
+
+    assert code == 4, out
+    assert "'~no-such-user-here/x' from" in out
+    assert "INTERNALERROR" not in out
+
+
 def test_a_symlink_planted_in_a_shared_sticky_lock_dir_is_refused_not_followed(hostile, other_user):
     shared = hostile.root / "shared"
     shared.mkdir()
