@@ -20,6 +20,10 @@ from pathlib import Path
 
 from .exceptions import LockDirError
 
+# Windows has ACLs, not mode bits: os.stat reports every directory as 0o777 and none as
+# sticky, so a mode check there would refuse every lock dir.
+POSIX_MODES = sys.platform != "win32"
+
 
 def my_uid() -> int | None:
     if sys.platform == "win32":  # no user ids to compare
@@ -78,6 +82,8 @@ def dir_problem(path: Path, *, shared_ok: bool = False) -> str | None:
             f"{path} belongs to {owner_name(info.st_uid)}, not to the user running pytest "
             f"({owner_name(my_uid() or 0)}); mode {mode:04o}"
         )
+    if not POSIX_MODES:  # pragma: no cover - Windows only
+        return None
     if mode & (stat.S_IWGRP | stat.S_IWOTH) and not (shared_ok and mode & stat.S_ISVTX):
         sticky = "" if shared_ok else " (only the lock dir itself may be shared, if sticky)"
         return (
@@ -128,6 +134,8 @@ def ancestor_problem(real: Path) -> str | None:
     parents are allowed: with a private group per user, the default on Debian and
     Fedora, that group is the user alone.
     """
+    if not POSIX_MODES:  # pragma: no cover - Windows only
+        return None
     for parent in real.parents:
         try:
             info = os.lstat(parent)
