@@ -292,6 +292,15 @@ def pin_mode(path: Path, mode: LockMode, why: str) -> None:
             "--prewarm-lock-dir"
         )
     existing = raw.decode("utf-8", "replace").strip()
+    if existing and existing not in (LockMode.FLOCK, LockMode.LEASE):
+        # Not a mode any version writes: show it clipped and escaped, never pasted whole
+        # (it may be 64 KiB of control characters), and never suggest passing it back.
+        shown = repr(existing[:40]) + (" (clipped)" if len(existing) > 40 else "")
+        raise LockDirError(
+            f"{marker} holds {shown}, not a lock mode (flock or lease); nothing was "
+            "changed. Remove the file if no run uses the lock dir, or use another "
+            "--prewarm-lock-dir"
+        )
     if existing and existing != mode:
         raise LockDirError(
             f"lock dir {str(path)!r} is used in {existing} mode, but this run would use "

@@ -27,6 +27,13 @@ def check_name(name: object) -> str:
         raise PrewarmUsageError('template name is empty; give it a name such as "db"')
     if "\x00" in name:
         raise PrewarmUsageError(f"template name {name!r} contains a NUL character")
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
+        # Names are printed in the summary and in every worker's error: an escape sequence
+        # or a newline there would rewrite the user's terminal or forge a line.
+        raise PrewarmUsageError(
+            f"template name {name!r} contains a control character; use printable "
+            'characters, such as "db-v2"'
+        )
     if len(name) > MAX_NAME_LENGTH:
         raise PrewarmUsageError(
             f"template name {name[:40]!r}... is {len(name)} characters long; "

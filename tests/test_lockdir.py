@@ -228,6 +228,23 @@ def test_pinning_the_mode_on_a_disk_with_one_inode_left_is_a_clear_error(tmpfs: 
         pin_mode(lock_dir, LockMode.FLOCK, "requested")
 
 
+def test_a_mode_file_of_garbage_is_refused_clipped_and_escaped(tmp_path: Path) -> None:
+    lock_dir = prepare(tmp_path / "locks", "ini")
+    garbage = "\x1b]0;owned\x07" + "x" * 60000
+    Layout(lock_dir).mode_file.write_text(garbage)
+
+    with pytest.raises(LockDirError) as info:
+        pin_mode(lock_dir, LockMode.FLOCK, "requested")
+
+    said = str(info.value)
+    assert said.startswith(f"{Layout(lock_dir).mode_file} holds '\\x1b]0;owned\\x07xxx")
+    assert "(clipped), not a lock mode (flock or lease); nothing was changed" in said
+    assert "\x1b" not in said
+    assert len(said) < 400
+    assert "--prewarm-lock-mode" not in said
+    assert Layout(lock_dir).mode_file.read_text() == garbage
+
+
 @pytest.mark.parametrize("kind", ["symlink", "directory"])
 def test_a_mode_file_that_is_not_ours_is_refused_and_left_alone(tmp_path, kind):
     victim = tmp_path / "victim.txt"

@@ -19,6 +19,7 @@ from pytest_prewarm.names import (
 
 # One path component of safe characters, and not hidden (no leading dot).
 SAFE_COMPONENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.~-]*")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # refused in names
 
 
 @pytest.mark.parametrize(
@@ -27,6 +28,9 @@ SAFE_COMPONENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.~-]*")
         ("", "template name is empty"),
         ("  \t", "template name is empty"),
         ("a\x00b", "template name 'a\\x00b' contains a NUL character"),
+        ("db\x1b]0;x\x07", "template name 'db\\x1b]0;x\\x07' contains a control character"),
+        ("a\nb", "template name 'a\\nb' contains a control character"),
+        ("a\x9bb", "template name 'a\\x9bb' contains a control character"),
         ("x" * (MAX_NAME_LENGTH + 1), "is 201 characters long; the limit is 200"),
         (42, "template name must be a str, got int 42"),
         (None, "template name must be a str, got NoneType None"),
@@ -84,7 +88,7 @@ def test_a_plain_name_cannot_collide_with_the_file_name_of_an_unsafe_name():
 
 @given(st.text(min_size=1, max_size=MAX_NAME_LENGTH).filter(lambda s: s.strip()))
 def test_any_valid_name_maps_to_a_short_safe_path_component(name):
-    name = check_name(name.replace("\x00", "_"))
+    name = check_name(CONTROL.sub("_", name))
 
     stem = file_stem(name)
 
