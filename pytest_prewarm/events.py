@@ -8,13 +8,16 @@ the log what xdist delivers.
 
 # No `from __future__ import annotations` here: see "What a module costs to load" in
 # docs/architecture.md.
+import contextlib
 import json
 import os
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, NamedTuple
 
-from .files import append_text, decode_json_object, read_bounded
+from . import console
+from .files import O_CLOEXEC, O_NOFOLLOW, decode_json_object, read_bounded
 from .kinds import Outcome
 from .layout import Layout
 from .trust import make_dir
@@ -85,6 +88,9 @@ class EventLog:
         self._flush_lock = threading.Lock()  # the eager thread and the main thread flush
         self._reported: list[TemplateEvent] = []
         self._reported_workers: set[str] = set()
+        # Set at the first write that fails (a full disk, no inode left): this process
+        # stops writing its events file, and its events stay in memory only.
+        self.write_error: OSError | None = None
 
     def record(self, event: TemplateEvent) -> None:
         # A waiter's event is kept in memory until its test ends: writing it here would
@@ -96,14 +102,33 @@ class EventLog:
             self.flush()
 
     def flush(self) -> None:
-        """Append unflushed events to this process's file in the lock dir."""
+        """Append unflushed events to this process's file in the lock dir.
+
+        Never raises OSError: the file is only a copy for the case that this process
+        crashes (a worker that ends normally sends its events to the controller), so a
+        disk that is full or out of inodes must not fail a test, let alone the run. The
+        first failure stops the writing, says so once, and keeps the events in memory.
+        """
         with self._flush_lock:
             if not self._unflushed:
                 return
             events, self._unflushed = self._unflushed, []
-            make_dir(self.layout.events_dir(self.run_id))
+            if self.write_error is not None:
+                return  # stopped: the events are in self.events, for the report
+            path = self.layout.events_file(self.run_id, self.worker, os.getpid())
             lines = "".join(json.dumps(e.to_dict()) + "\n" for e in events)
-            append_text(self.layout.events_file(self.run_id, self.worker, os.getpid()), lines)
+            try:
+                make_dir(self.layout.events_dir(self.run_id))
+                _append_whole_lines(path, lines)
+            except OSError as exc:
+                self.write_error = exc
+                console.emit(
+                    f"[prewarm] {self.worker} stopped recording its template events in "
+                    f"{path}: {exc.strerror or exc}. Should this process crash, the "
+                    "summary and the --prewarm-json report lose its lock waits and build "
+                    "times; free space (or inodes) on that filesystem, or choose another "
+                    "--prewarm-lock-dir"
+                )
 
     def add_reported(self, worker: str, dicts: Iterable[dict[str, Any]]) -> None:
         """A worker that ended normally sent these; its file on disk is then redundant."""
@@ -125,3 +150,26 @@ class EventLog:
                 if event.worker != self.worker and event.worker not in self._reported_workers:
                     events.append(event)
         return events
+
+
+def _append_whole_lines(path: Path, text: str) -> None:
+    """Append ``text`` (whole lines) to ``path``, or leave the file as it was.
+
+    A full disk can take part of a write (a short write) and refuse the rest; what got
+    in would be a torn last line, and a later append would glue a good line to it. So
+    a failed append cuts the file back to where it started. The file is this process's
+    alone, under the flush lock: nobody else appends meanwhile. Never through a symlink.
+    """
+    data = memoryview(text.encode("utf-8"))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0o600)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        except OSError:
+            with contextlib.suppress(OSError):  # shrinking a file needs no space
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)

@@ -11,6 +11,7 @@ request), events.py (what each process did), lockdir.py (the lock dir) and repor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -249,12 +250,18 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     state = config.stash.get(STATE_KEY, None)
     if state is None or _is_worker(config):
         return
+    _summary(terminalreporter, state)
+    _report_write_errors(terminalreporter)
+
+
+def _summary(terminalreporter: pytest.TerminalReporter, state: State) -> None:
+    config = terminalreporter.config
     events = _run_events(state)
     torn = [r.to_dict() for r in state.teardowns or ()]
     if state.settings.keys_path is not None and not config.option.collectonly:
         from .keys import from_events
 
-        _write(state.settings.keys_path, from_events(events))
+        _write(config, state.settings.keys_path, from_events(events), KEYS_REPORT)
     if not events and not torn and state.settings.json_path is None:
         return
     from .report import dumps, format_summary, summarize, to_json
@@ -264,7 +271,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if state.settings.json_path is not None:
         settings = state.settings.as_dict(lock_dir=state.lock_dir, lock_mode=mode)
         data = to_json(events, settings, teardowns=torn, summaries=summaries)
-        _write(state.settings.json_path, dumps(data))
+        _write(config, state.settings.json_path, dumps(data), JSON_REPORT)
     lines = format_summary(
         events,
         top=state.settings.report_top,
@@ -288,9 +295,68 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         )
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+# What each report file is, and the option that asks for it (its ini twin: prewarm_json...).
+JSON_REPORT = ("JSON report", "--prewarm-json")
+KEYS_REPORT = ("template keys", "--prewarm-keys")
+# Why each report file the run asked for could not be written: one line each, printed at
+# the end of the terminal summary (--collect-only writes the keys before there is one).
+REPORT_ERRORS_KEY = pytest.StashKey[list[str]]()
+
+
+def _write(config: pytest.Config, path: Path, text: str, report: tuple[str, str]) -> None:
+    """Write ``text`` to ``path`` whole, or not at all; a failure is kept for the summary.
+
+    A temporary file in the same directory is written, flushed to disk and renamed over
+    ``path``: a full disk (or a crash) never leaves an empty or truncated report where CI
+    reads one, and an older report there is replaced only by a complete new one. An
+    OSError is not raised: a traceback at the end of the run would hide the summary and
+    the pass line; _report_write_errors says what failed and fails the run instead.
+    """
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL under a random name: never an existing file, nor one planted as a link.
+        # Mode 0o666 less the umask, as a plain open() would make the report.
+        tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        with os.fdopen(os.open(tmp, flags, 0o666), "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            # One fsync per report, at the end of the run: cheap, and without it a crash
+            # soon after the rename can leave an empty file on some filesystems.
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        what, option = report
+        config.stash.setdefault(REPORT_ERRORS_KEY, []).append(
+            f"prewarm: cannot write the {what} ({option}) to {path}: "
+            f"{exc.strerror or exc}. This run's report is not there (an older file at that "
+            f"path is left as it was); free space on that filesystem or give {option} "
+            "another path"
+        )
+
+
+def _report_write_errors(terminalreporter: pytest.TerminalReporter) -> None:
+    config = terminalreporter.config
+    errors = config.stash.get(REPORT_ERRORS_KEY, [])
+    if not errors:
+        return
+    for line in errors:
+        terminalreporter.write_line(line, red=True)
+    # The user asked for the file and CI will look for it: a run that did not write it
+    # must not pass, as a failing teardown (pytest_sessionfinish_teardowns) and pytest's
+    # --max-warnings fail a run whose tests all passed. Exit status 1 (TESTS_FAILED): what
+    # CI reads as "this run failed"; a full disk is neither a usage error (4, found at
+    # start-up) nor an internal error (3, a bug, with a traceback), and --max-warnings' 6
+    # is not in every pytest we support. junitxml, the peer, lets the OSError escape (a
+    # traceback, and the pass line lost). A run that already failed keeps its status.
+    # The hook has no session argument; pytest registers the session as plugin "session".
+    session = config.pluginmanager.get_plugin("session")
+    if isinstance(session, pytest.Session) and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -423,7 +489,7 @@ def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: objec
 def pytest_collection_finish(session: pytest.Session) -> None:
     state = session.config.stash.get(STATE_KEY, None)
     if state is not None and state.settings.keys_path and session.config.option.collectonly:
-        _write_selection_keys(state, session.items)
+        _write_selection_keys(session.config, state, session.items)
     if (
         state is None
         or not state.settings.eager
@@ -472,7 +538,7 @@ def _worker_count() -> int:
     return int(raw) if raw.isdigit() and int(raw) > 0 else 1
 
 
-def _write_selection_keys(state: State, items: list[pytest.Item]) -> None:
+def _write_selection_keys(config: pytest.Config, state: State, items: list[pytest.Item]) -> None:
     """``--collect-only --prewarm-keys``: the keys of the marked templates, nothing built."""
     from .keys import from_requests
     from .marker import needed_by
@@ -487,7 +553,7 @@ def _write_selection_keys(state: State, items: list[pytest.Item]) -> None:
         canonical[request.name] = canonical_key(request.key, name=request.name)
         pending += [r for r in request.requires if isinstance(r, Request)]
     assert state.settings.keys_path is not None
-    _write(state.settings.keys_path, from_requests(requests, canonical))
+    _write(config, state.settings.keys_path, from_requests(requests, canonical), KEYS_REPORT)
 
 
 @pytest.hookimpl(tryfirst=True)
