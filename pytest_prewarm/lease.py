@@ -15,7 +15,10 @@ holder is the highest generation without a ``claim.<gen>.released`` marker.
   they saw before, timed on their own monotonic clock, never with their wall clock.
 
 Which holder may be reclaimed is liveness's decision: dead at once, alive never, unknown
-only after its heartbeat has stood still for the stale window.
+only after its heartbeat has stood still for the stale window. A top claim that is not a
+regular file (a symlink, FIFO, directory, socket) was never made by a holder, so nobody
+holds through it: it is passed over at once. Nothing here follows a symlink: a planted
+link must not make us read, time or touch anything outside the lease dir.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +37,13 @@ from .files import write_temp
 from .liveness import Liveness, Verdict, classify, prepare_classify
 from .locking import Acquired, Holder
 from .owner import OwnerRecord, read_record
-from .trust import make_dir, why_unreadable
+from .trust import kind_of, make_dir, remove_tree, why_unreadable
 
 _CLAIM = re.compile(r"claim\.(\d{1,18})")
 POLL_INTERVAL = 0.05  # seconds between looks at the lease dir while waiting
+# The heartbeat touches its claim, never a link's target, where the platform can say so
+# (Windows cannot; there the lstat just before it is all the check).
+_UTIME_FOLLOWS = os.utime not in os.supports_follow_symlinks
 
 
 @dataclass
@@ -79,7 +86,25 @@ class LeaseLock:
         return self.lease_dir / f"claim.{gen}"
 
     def _released(self, gen: int) -> bool:
-        return (self.lease_dir / f"claim.{gen}.released").exists()
+        # lexists: whatever sits at the marker's name counts, and a planted symlink is
+        # never followed (exists() would ask about its target, outside the lease dir).
+        return os.path.lexists(self.lease_dir / f"claim.{gen}.released")
+
+    def _not_a_claim(self, gen: int) -> str | None:
+        """What sits at claim ``gen`` when it cannot be a holder's claim, else None.
+
+        A holder's claim is only ever made by link() from a regular file that already
+        holds its record, so anything else was planted: no holder can be robbed by
+        passing it over, and waiting out a stale window for it would only delay every
+        waiter (a dangling link even has no mtime to time). None too when it is gone.
+        """
+        try:
+            info = os.lstat(self._claim(gen))
+        except FileNotFoundError:
+            return None
+        if stat.S_ISREG(info.st_mode):
+            return None
+        return f"the claim {self._claim(gen)} is {kind_of(info.st_mode)}, which no holder makes"
 
     def _top(self) -> int | None:
         top = None
@@ -96,13 +121,32 @@ class LeaseLock:
             return Holder(None, Verdict(Liveness.UNKNOWN, "the lease was just released"))
         record = read_record(self._claim(top))
         if record is None:
-            return Holder(None, Verdict(Liveness.UNKNOWN, why_unreadable(self._claim(top))))
-        return Holder(record, classify(record))
+            why = why_unreadable(self._claim(top))
+            if self._not_a_claim(top) is not None:
+                return Holder(None, Verdict(Liveness.UNKNOWN, why))  # passed over at once
+            takeover = (
+                "a claim without a readable record is taken over only once it has stood "
+                f"unchanged for the stale window of {self.stale_after:g} s, not at once"
+            )
+            return Holder(None, Verdict(Liveness.UNKNOWN, why), takeover)
+        verdict = classify(record)
+        if verdict.state is not Liveness.UNKNOWN:
+            return Holder(record, verdict)  # alive: killing it makes it dead, taken at once
+        takeover = (
+            f"its death cannot be proven from here ({verdict.reason}), so its lease is "
+            "taken over only once its heartbeat has stood still for the stale window of "
+            f"{self.stale_after:g} s, not at once"
+        )
+        return Holder(record, verdict, takeover)
 
     # -- taking and giving back ------------------------------------------------------------
 
     def _reclaimable(self, gen: int) -> tuple[bool, OwnerRecord | None, Verdict | None]:
         """May generation ``gen``, which is not released, be taken over?"""
+        planted = self._not_a_claim(gen)
+        if planted is not None:
+            self._seen = None
+            return True, None, Verdict(Liveness.DEAD, planted)
         record = read_record(self._claim(gen))
         verdict = classify(record)
         if verdict.state is Liveness.DEAD:
@@ -111,9 +155,13 @@ class LeaseLock:
             self._seen = None
             return False, record, verdict  # never by age: a live holder may build for hours
         try:
-            mtime = os.stat(self._claim(gen)).st_mtime_ns
+            # lstat: the claim's own mtime, never that of whatever a planted link names.
+            info = os.lstat(self._claim(gen))
         except FileNotFoundError:
             return False, record, verdict  # cleaned up under us: look again
+        if not stat.S_ISREG(info.st_mode):
+            return False, record, verdict  # replaced since we looked: look again
+        mtime = info.st_mtime_ns
         now = clock.monotonic()
         seen = self._seen
         if seen is None or seen.gen != gen or seen.mtime_ns != mtime:
@@ -166,7 +214,13 @@ class LeaseLock:
                 self._lost = f"generation {top} was claimed while we held {gen}"
                 return
             try:
-                os.utime(claim)
+                info = os.lstat(claim)
+                if not stat.S_ISREG(info.st_mode):
+                    # Replaced by something we did not make: touching it could reach
+                    # outside the lease dir, and waiters pass it over anyway.
+                    self._lost = f"our claim {claim} was replaced by {kind_of(info.st_mode)}"
+                    return
+                os.utime(claim, follow_symlinks=_UTIME_FOLLOWS)
             except FileNotFoundError:
                 self._lost = f"our claim {claim} disappeared"
                 return
@@ -219,8 +273,8 @@ class LeaseLock:
             for name in os.listdir(self.lease_dir):
                 match = re.fullmatch(r"claim\.(\d{1,18})(\.released)?", name)
                 if match and int(match.group(1)) < gen - 1:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.lease_dir / name)
+                    # remove_tree: a planted directory or link goes too, never followed.
+                    remove_tree(self.lease_dir / name)
 
     # -- waiting -----------------------------------------------------------------------------
 

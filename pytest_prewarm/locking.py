@@ -20,6 +20,11 @@ class Holder(NamedTuple):
 
     record: OwnerRecord | None
     verdict: Verdict
+    # What stopping this holder would do, when it is not "taken over at once" (a lease
+    # holder of unknown liveness waits out the stale window first). None: at once, as
+    # flock and a provably dead lease holder are. The timeout message says it, so its
+    # advice never promises a takeover the waiter cannot make.
+    takeover: str | None = None
 
     def describe(self) -> str:
         if self.record is None:
