@@ -42,7 +42,7 @@ from .kinds import LockMode, Origin, Outcome
 from .layout import DATA_DIR, META_FILE, Layout, template_id
 from .liveness import Identity, Liveness, boot_id
 from .locking import Acquired, Holder, Lock
-from .locks import lock_factory
+from .locks import default_stale_after, lock_factory
 from .names import canonical_key, check_name
 from .records import Meta, failure_to_json, hold_id, read_failure
 from .registry import Registry
@@ -122,6 +122,9 @@ class TemplateFactory(Protocol):
         requires: Sequence[Template | str] = (),
         teardown: Teardown | None = None,
     ) -> Template: ...
+
+
+CALL_TIMEOUT = "timeout= in the call"  # Request.timeout_source of a timeout given in the call
 
 
 class Request(NamedTuple):
@@ -234,7 +237,7 @@ def make_request(
     if timeout is None:
         seconds, source = default_timeout, default_source
     else:
-        seconds, source = check_timeout(timeout, name=str(name)), "timeout= in the call"
+        seconds, source = check_timeout(timeout, name=str(name)), CALL_TIMEOUT
     return Request(name, build, key, seconds, source, configure, tuple(layers), teardown)
 
 
@@ -254,6 +257,12 @@ def _check_takes_layers(name: str, build: Builder) -> None:
 
 Notice = Callable[[str, float, Holder], None]
 
+# The shortest interval between two "still waiting" notices of one wait, whatever is
+# configured: a tiny --prewarm-notice-after must not turn the wait into one notice per
+# pass of its loop (thousands a second). A tenth of a second is still quick enough for
+# anyone, or any test, that watches notices as a sign of progress.
+MIN_NOTICE_EVERY = 0.1
+
 
 class TemplateStore:
     """Gets templates for one process, building each at most once per run across processes."""
@@ -271,6 +280,7 @@ class TemplateStore:
         stale_after: float = 60.0,
         heartbeat: float = 2.0,
         supplied: Mapping[str, Supplied] | None = None,
+        stale_after_source: str = "default",
     ) -> None:
         self.layout = Layout(lock_dir)
         self.supplied = dict(supplied or {})
@@ -280,6 +290,12 @@ class TemplateStore:
         self.rebuild = rebuild
         self.notice_every = notice_every
         self.on_notice = on_notice
+        self.stale_after = stale_after
+        # Where the stale window came from, as config.Setting.source says it ("default..."
+        # when it was derived from the timeout). A caller that does not say is taken to
+        # have derived it: a call's timeout= then derives its own, which keeps the window
+        # below that wait either way.
+        self.stale_after_source = stale_after_source
         # The lock implementation is chosen here, once; requests never ask which it is.
         self.open_lock = lock_factory(
             LockMode(lock_mode), stale_after=stale_after, heartbeat=heartbeat
@@ -331,6 +347,30 @@ class TemplateStore:
         except PrewarmBuildError:
             return True
 
+    def stale_window(self, request: Request) -> float | None:
+        """The stale window for ``request``'s lock when it is not the process's, else None.
+
+        The configured window is checked against the configured timeout at start-up; a
+        ``timeout=`` in the call must keep the same invariant, window strictly below the
+        wait, or a crashed holder of unknown liveness makes the waiter time out instead of
+        taking over. A derived window is derived again from the call's timeout, by the
+        same rule; an explicit one that is not below it is a usage error at the call.
+        """
+        if request.timeout_source != CALL_TIMEOUT:
+            return None
+        if self.stale_after_source.startswith("default"):
+            derived = default_stale_after(request.timeout)
+            return None if derived == self.stale_after else derived
+        if self.stale_after >= request.timeout:
+            raise PrewarmUsageError(
+                f"template {request.name!r}: the timeout {request.timeout:g} s (from "
+                f"{CALL_TIMEOUT}) must be above the stale window {self.stale_after:g} s "
+                f"(from {self.stale_after_source}), or a holder of unknown liveness that "
+                "died would make this wait time out instead of taking over; pass a "
+                "larger timeout=, or lower --prewarm-stale-after"
+            )
+        return None
+
     def emit(self, event: TemplateEvent) -> None:
         self.events.append(event)
         if self.on_event is not None:
@@ -339,6 +379,7 @@ class TemplateStore:
     def _get(self, request: Request, *, wait: bool) -> Template | None:
         __tracebackhide__ = True  # users need the builder's frames, not ours
         name = check_name(request.name)
+        stale_after = self.stale_window(request)  # a bad timeout= fails before any wait
         layers = {layer.name: layer for layer in map(self._layer, request.requires)}
         canonical = canonical_key(request.key, name=name)
         if layers:
@@ -378,7 +419,9 @@ class TemplateStore:
                 if supplied is not None:
                     template: Template | None = self._supplied(request, supplied)
                 else:
-                    template = self._fetch(request, tid, canonical, layers, wait=wait)
+                    template = self._fetch(
+                        request, tid, canonical, layers, wait=wait, stale_after=stale_after
+                    )
             except PrewarmBuildError as exc:
                 self._results[tid] = exc  # one attempt per run, in this process too
                 raise
@@ -430,11 +473,13 @@ class TemplateStore:
         layers: dict[str, Template],
         *,
         wait: bool,
+        stale_after: float | None = None,
     ) -> Template | None:
         __tracebackhide__ = True  # users need the builder's frames, not ours
         for _ in range(MAX_TORN_DOWN):
             try:
-                return _Fetch(self, request, tid, canonical, layers).run(wait=wait)
+                fetch = _Fetch(self, request, tid, canonical, layers, stale_after=stale_after)
+                return fetch.run(wait=wait)
             except _TornDown:
                 continue  # another run's service went down as we joined: build afresh
         raise PrewarmLockError(
@@ -473,6 +518,8 @@ class _Fetch:
         tid: str,
         canonical: str,
         layers: dict[str, Template],
+        *,
+        stale_after: float | None = None,
     ) -> None:
         self.store = store
         self.layers = layers
@@ -481,7 +528,7 @@ class _Fetch:
         self.tid = tid
         self.canonical = canonical
         self.layout = store.layout
-        self.lock: Lock = store.open_lock(store.layout, tid, request.name)
+        self.lock: Lock = store.open_lock(store.layout, tid, request.name, stale_after=stale_after)
         self._to_delete: list[Path] = []
 
     # -- start to end ------------------------------------------------------------------------
@@ -584,7 +631,8 @@ class _Fetch:
         lock, store = self.lock, self.store
         start = clock.monotonic()
         deadline = start + self.request.timeout
-        next_notice = start + store.notice_every
+        every = max(store.notice_every, MIN_NOTICE_EVERY)
+        next_notice = start + every
         try:
             while True:
                 done = self._check_done()
@@ -598,22 +646,42 @@ class _Fetch:
                     return None, acquired, clock.monotonic() - start
                 now = clock.monotonic()
                 if now >= deadline:
+                    holder = lock.holder()
                     error = PrewarmTimeout.waiting_for(
                         self.name,
                         str(lock.lock_path),
                         now - start,
-                        lock.holder().describe(),
-                        self.request.timeout_hint,
+                        holder.describe(),
+                        self._timeout_hint(holder),
                     )
                     self._event(Outcome.TIMEOUT, error.waited, error=str(error).splitlines()[0])
                     raise error
                 lock.wait_for_change(min(deadline, next_notice))
-                if clock.monotonic() >= next_notice:
-                    next_notice += store.notice_every
+                now = clock.monotonic()
+                if now >= next_notice:
                     if store.on_notice is not None:
-                        store.on_notice(self.name, clock.monotonic() - start, lock.holder())
+                        store.on_notice(self.name, now - start, lock.holder())
+                    # From now, not from the missed due time: a wait that fell behind (a
+                    # slow notice, a suspended process) must not print one notice per pass
+                    # to catch up, and the next wait_for_change must not be given a time
+                    # already past, which would make this loop spin without sleeping.
+                    next_notice = clock.monotonic() + every
         finally:
             lock.stop_waiting()
+
+    def _timeout_hint(self, holder: Holder) -> str:
+        """The request's timeout advice, with what stopping *this* holder would do.
+
+        The generic advice ends "a killed holder's lock is taken over at once", which a
+        lease holder of unknown liveness makes false: its lock says what would happen.
+        """
+        hint = self.request.timeout_hint
+        if holder.takeover is None:
+            return hint
+        head, sep, _ = hint.rpartition(" or stop it: ")
+        if not sep:  # the advice was reworded: say it after it, rather than not at all
+            return f"{hint} For this holder: {holder.takeover}."
+        return f"{head}{sep}{holder.takeover}."
 
     # -- building and publishing -------------------------------------------------------------
 
