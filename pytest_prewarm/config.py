@@ -216,6 +216,22 @@ def _seconds(config: pytest.Config, suffix: str, default: float, *, zero_ok: boo
     return Setting(value, raw.source)
 
 
+# request.MIN_NOTICE_EVERY, spelt out: start-up stays light. Below it the wait loop would
+# print a notice on every pass; it clamps to this anyway, so a smaller value is a mistake.
+MIN_NOTICE_AFTER = 0.1
+
+
+def _notice_after(config: pytest.Config) -> Setting:
+    notice = _seconds(config, "notice-after", DEFAULT_NOTICE_AFTER, zero_ok=True)
+    if 0 < notice.value < MIN_NOTICE_AFTER:
+        raise pytest.UsageError(
+            f"prewarm: {notice.value:g} from {notice.source} is too short; the interval "
+            f"between notices must be 0 (no notices) or at least {MIN_NOTICE_AFTER:g} s, "
+            f"for example --prewarm-notice-after={DEFAULT_NOTICE_AFTER:g}"
+        )
+    return notice
+
+
 def _count(config: pytest.Config, suffix: str, default: int) -> int:
     raw = _raw(config, suffix)
     if raw is None:
@@ -411,7 +427,7 @@ class Settings(NamedTuple):
             lock_dir=lock_dir,
             timeout=timeout,
             rebuild=bool(rebuild.value) if rebuild is not None else False,
-            notice_after=_seconds(config, "notice-after", DEFAULT_NOTICE_AFTER, zero_ok=True),
+            notice_after=_notice_after(config),
             report_top=_count(config, "report", DEFAULT_REPORT),
             json_path=_output_file(config, "json", "prewarm-report.json"),
             keys_path=_output_file(config, "keys", "prewarm-keys.txt"),

@@ -206,6 +206,7 @@ def _open(state: State) -> Core:
         notice_every=settings.notice_after.value or float("inf"),
         lock_mode=mode,
         stale_after=settings.stale_after.value,
+        stale_after_source=settings.stale_after.source,
         heartbeat=settings.heartbeat,
         supplied=settings.supplied,
     )

@@ -103,6 +103,20 @@ def test_a_call_timeout_below_the_default_stale_window_derives_its_own(tmp_path,
     assert report["settings"]["stale_after"] == 60  # the process's window is unchanged
 
 
+def test_an_explicit_stale_window_above_a_call_timeout_fails_the_test_that_asks(suite):
+    suite.write(conftest=INNER_CONFTEST, test_db="def test_db(db):\n    assert db.value\n")
+
+    result = suite.run("-p", "no:xdist", "--prewarm-stale-after=10", timeout=60)
+
+    out = result.stdout.str()
+    assert result.ret == 1, out
+    assert (
+        "the timeout 5 s (from timeout= in the call) must be above the stale window 10 s "
+        "(from --prewarm-stale-after)"
+    ) in out
+    assert "INTERNALERROR" not in out
+
+
 def call_request(timeout: float) -> Request:
     return Request("db", lambda path: None, "k", timeout, CALL_TIMEOUT)
 

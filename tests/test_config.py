@@ -70,6 +70,24 @@ def test_command_line_wins_over_the_ini_file(pytester):
     assert settings.notice_after.source.startswith("ini prewarm_notice_after in ")
 
 
+def test_a_notice_after_below_the_shortest_interval_is_a_usage_error(pytester):
+    text = usage_error_text(pytester.runpytest("--prewarm-notice-after=0.000001"))
+
+    assert "1e-06 from --prewarm-notice-after is too short" in text
+    assert "must be 0 (no notices) or at least 0.1 s" in text
+
+
+def test_the_shortest_notice_interval_agrees_with_the_wait_loops(pytester):
+    from pytest_prewarm.config import MIN_NOTICE_AFTER
+    from pytest_prewarm.request import MIN_NOTICE_EVERY
+
+    assert MIN_NOTICE_AFTER == MIN_NOTICE_EVERY
+    settings = Settings.from_config(
+        pytester.parseconfig(f"--prewarm-notice-after={MIN_NOTICE_AFTER}")
+    )
+    assert settings.notice_after.value == MIN_NOTICE_AFTER
+
+
 def test_a_zero_notice_after_is_kept_and_not_replaced_by_the_default(pytester):
     settings = Settings.from_config(pytester.parseconfig("--prewarm-notice-after=0"))
 
