@@ -105,13 +105,17 @@ class PrewarmBuildError(PrewarmError):
 DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 
 
-def timeout_hint(seconds: float, source: str) -> str:
-    """What to try after a timeout; ``source`` says where the timeout came from."""
+def timeout_hint(seconds: float, source: str, takeover: str | None = None) -> str:
+    """What to try after a timeout; ``source`` says where the timeout came from.
+
+    ``takeover``: what stopping the holder would do, where that is not "taken over at
+    once" (a lease holder whose liveness is unknown waits out the stale window first).
+    """
+    takeover = takeover or "a killed holder's lock is taken over at once"
     return (
         f"The timeout is {seconds:g} s (from {source}). If the holder is working, raise "
         "it (--prewarm-timeout / prewarm_timeout, or timeout= in the call); if it is "
-        "stuck, look at that process (py-spy dump --pid PID) or stop it: a killed "
-        "holder's lock is taken over at once."
+        f"stuck, look at that process (py-spy dump --pid PID) or stop it: {takeover}."
     )
 
 

@@ -670,18 +670,8 @@ class _Fetch:
             lock.stop_waiting()
 
     def _timeout_hint(self, holder: Holder) -> str:
-        """The request's timeout advice, with what stopping *this* holder would do.
-
-        The generic advice ends "a killed holder's lock is taken over at once", which a
-        lease holder of unknown liveness makes false: its lock says what would happen.
-        """
-        hint = self.request.timeout_hint
-        if holder.takeover is None:
-            return hint
-        head, sep, _ = hint.rpartition(" or stop it: ")
-        if not sep:  # the advice was reworded: say it after it, rather than not at all
-            return f"{hint} For this holder: {holder.takeover}."
-        return f"{head}{sep}{holder.takeover}."
+        """The request's timeout advice, with what stopping *this* holder would do."""
+        return timeout_hint(self.request.timeout, self.request.timeout_source, holder.takeover)
 
     # -- building and publishing -------------------------------------------------------------
 
