@@ -150,9 +150,11 @@ HOLDER = """
     import time
     from pathlib import Path
 
+    from pytest_prewarm.lockdir import prepare
     from pytest_prewarm.request import Request, TemplateStore
 
     lock_dir, flags = Path(sys.argv[1]), Path(sys.argv[2])
+    prepare(lock_dir, "the holder's argv")  # tagged as a run's own would be
 
 
     def build(path):

@@ -396,7 +396,10 @@ def test_a_release_paused_before_its_unlink_deletes_the_next_holders_lease(start
     heartbeat. The plugin's release never deletes the current claim, and a live holder's
     claim never expires.
     """
-    duration, pause = 0.5, 1.5
+    # The contender must take the expired lease while the release is paused: a pause of
+    # six lease durations leaves room for a loaded machine (1.5 s was missed once, in a
+    # full run with helpers' runs on the same two cores).
+    duration, pause = 0.5, 3.0
     wrap = strace_delaying_unlink(pause)
     first = start_holder("lease", duration, "release-when-asked", name="first", wrap=wrap)
     released = Path(f"{first.record_path}.released")
