@@ -412,10 +412,11 @@ def sweep_orphans(temp_root: Path | None = None, *, keep: int = 0) -> list[Path]
     of this user that carries our tag and a run record of a provably dead creator is
     removed; anything else (a dir of another user, of a live or unknown creator, an
     untagged dir, a symlink) is left alone. A dir holding a failed build's log younger
-    than RUN_LOGS_KEPT_FOR is kept as well, whatever its run's state, and is not one of
-    the ``keep``: that build's error named the log. It is found first, by one directory
-    read, before its run's liveness is judged: run after run of failing builds kept
-    hundreds of them, and judging each one's run made every run's end 100 ms longer.
+    than RUN_LOGS_KEPT_FOR is kept as well, and is not one of the ``keep``: that build's
+    error named the log. Once its run has ended it is trimmed to the logs. It is found
+    first, by one directory read, and a trimmed one by another, before any run's liveness
+    is judged: run after run of failing builds kept hundreds of them, and judging each
+    one's run made every run's end 100 ms longer.
     """
     from .liveness import Liveness, classify  # only for a run that uses a template
     from .owner import read_record
@@ -430,7 +431,14 @@ def sweep_orphans(temp_root: Path | None = None, *, keep: int = 0) -> list[Path]
             if not entry.is_dir() or entry.is_symlink() or not _is_tagged(layout):
                 continue
             if _holds_recent_logs(layout):
-                continue  # errors named these logs: keep them a while (remove_run_dir)
+                # Errors named these logs: keep them a while, and nothing else once the run
+                # is over (its templates can be gigabytes). A dir already trimmed is told
+                # by one listing, so it costs no liveness judgement run after run.
+                if not _trimmed(layout):
+                    record = read_record(layout.run_record)
+                    if record is not None and classify(record).state is Liveness.DEAD:
+                        remove_run_dir(entry)
+                continue
             record = read_record(layout.run_record)
             if record is not None and classify(record).state is Liveness.DEAD:
                 with contextlib.suppress(OSError):
@@ -446,6 +454,15 @@ def sweep_orphans(temp_root: Path | None = None, *, keep: int = 0) -> list[Path]
 # A per-run dir that kept the logs of failed builds outlives its run by this long, so the
 # log paths its errors named still exist when someone reads them.
 RUN_LOGS_KEPT_FOR = 24 * 3600.0
+
+
+def _trimmed(layout: Layout) -> bool:
+    """Whether ``layout`` holds no more than remove_run_dir keeps of a failed run."""
+    kept = {"failures", layout.tag_file.name, layout.run_record.name}
+    try:
+        return set(os.listdir(layout.root)) <= kept
+    except OSError:
+        return True  # gone or unreadable: nothing to trim
 
 
 def _holds_recent_logs(layout: Layout) -> bool:

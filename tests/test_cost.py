@@ -502,6 +502,20 @@ def test_a_dir_kept_for_a_recent_log_is_not_one_of_the_runs_kept(tmp_path):
     assert fresh_outside.read_text() == "not ours\n"
 
 
+def test_a_dir_kept_for_a_recent_log_keeps_nothing_else_once_its_run_ended(tmp_path):
+    (failed,) = ended_runs(tmp_path, 1)
+    (failed / "failures" / "db.1234").mkdir(parents=True)
+    (failed / "failures" / "db.1234" / "run.log").write_text("the error\n")
+    (failed / "templates" / "big.5678" / "data").mkdir(parents=True)  # gigabytes, say
+    (failed / "templates" / "big.5678" / "data" / "blob").write_bytes(b"x" * 4096)
+    (failed / "events").mkdir()
+
+    assert sweep_orphans(tmp_path, keep=3) == []
+
+    assert sorted(p.name for p in failed.iterdir()) == [RUN_RECORD, TAG_FILE, "failures"]
+    assert (failed / "failures" / "db.1234" / "run.log").read_text() == "the error\n"
+
+
 def test_a_fifo_a_link_or_a_dir_named_like_a_log_keeps_no_dir_and_blocks_nothing(tmp_path):
     dead = ended_runs(tmp_path, 4)
     for run in dead:
