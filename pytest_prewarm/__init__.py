@@ -14,6 +14,7 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from .exceptions import (
+        LockDirError,
         PrewarmBuildError,
         PrewarmConfigureError,
         PrewarmError,
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from .request import Template, TemplateFactory
 
 _WHERE = {
+    "LockDirError": ".exceptions",
     "PrewarmBuildError": ".exceptions",
     "PrewarmConfigureError": ".exceptions",
     "PrewarmWarning": ".exceptions",
@@ -39,6 +41,7 @@ _WHERE = {
 }
 
 __all__ = [
+    "LockDirError",
     "PrewarmBuildError",
     "PrewarmConfigureError",
     "PrewarmError",

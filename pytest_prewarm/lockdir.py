@@ -376,6 +376,19 @@ def forget_run(path: Path, run_id: str) -> None:
             record.unlink()
 
 
+def check_pin_at_start(path: Path, requested: str, source: str) -> None:
+    """Refuse a lock mode asked for that differs from the one the lock dir is pinned to."""
+    if requested == LockMode.AUTO:
+        return  # auto takes the pinned mode
+    pinned = read_pin(path)
+    if pinned is not None and pinned != requested:
+        raise LockDirError(
+            f"lock dir {str(path)!r} is used in {pinned} mode, but this run asks for "
+            f"{requested} mode (from {source}); the two do not exclude each other. Pass "
+            f"--prewarm-lock-mode {pinned} (or auto), or use another --prewarm-lock-dir"
+        )
+
+
 def read_pin(path: Path) -> LockMode | None:
     """The mode pinned in the lock dir, None if there is none (yet) or it is unreadable."""
     raw = read_bounded(Layout(path).mode_file)

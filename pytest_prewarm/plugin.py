@@ -26,6 +26,7 @@ from . import console  # noqa: F401
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from .config import Settings
     from .events import TemplateEvent
     from .request import Builder, Configure, Teardown, Template, TemplateFactory
     from .state import State
@@ -109,7 +110,7 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     else:
         if settings.lock_dir.value is not None:
-            _check_lock_dir(settings.lock_dir.value, settings.lock_dir.source)
+            _check_lock_dir(settings.lock_dir.value, settings.lock_dir.source, settings)
         state = State(settings, run_id=new_run_id(), worker="main", controller_pid=os.getpid())
     config.stash[STATE_KEY] = state
     config.addinivalue_line("markers", MARKER_LINE)
@@ -117,16 +118,21 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(XdistHooks(config), "prewarm-xdist-hooks")
 
 
-def _check_lock_dir(path: Path, source: str) -> None:
-    """A lock dir the user named that cannot work fails now, with nothing created."""
+def _check_lock_dir(path: Path, source: str, settings: Settings) -> None:
+    """A lock dir the user named that cannot work fails now, with nothing created.
+
+    That includes one pinned to the other lock mode than the one asked for: found only
+    at the first request, it failed every test that asked for a template.
+    """
     # "from .x import y", never "from . import x": after an in-process run (pytester's)
     # drops the modules it imported, the package still holds the old ones as attributes,
     # and old and new exception classes would not catch each other.
     from .exceptions import LockDirError
-    from .lockdir import check_at_start
+    from .lockdir import check_at_start, check_pin_at_start
 
     try:
         check_at_start(path, source)
+        check_pin_at_start(path, settings.lock_mode.value, settings.lock_mode.source)
     except LockDirError as exc:
         raise pytest.UsageError(f"prewarm: {exc}") from exc
 
@@ -425,7 +431,7 @@ def prewarmed_template(request: pytest.FixtureRequest) -> TemplateFactory:
     state = request.config.stash[STATE_KEY]
     # Asking for the factory is asking for templates: the lock dir and the core are made
     # now, in the fixture's setup, so that the first call goes straight to the lock.
-    state.get_core()
+    _core_or_fail(state)
 
     def get(
         name: str,
@@ -444,6 +450,24 @@ def prewarmed_template(request: pytest.FixtureRequest) -> TemplateFactory:
         return template
 
     return get
+
+
+def _core_or_fail(state: State) -> None:
+    """Make the core, or fail the test in one line when the lock dir cannot be used.
+
+    Such an error (a lock dir pinned to the other lock mode, a full disk while making the
+    layout, a dir swapped since start-up) says all there is to say; a traceback through
+    the plugin's internals in every test that asks would bury it.
+    """
+    __tracebackhide__ = True
+    from .exceptions import LockDirError
+
+    try:
+        state.get_core()
+        return
+    except LockDirError as exc:
+        message = f"prewarm: {exc}"
+    pytest.fail(message, pytrace=False)  # outside the handler: no chained traceback
 
 
 ITEM_TEMPLATES_KEY = pytest.StashKey[dict[str, "Template"]]()
@@ -564,4 +588,5 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     from .marker import marker_names
 
     state = item.config.stash[STATE_KEY]
+    _core_or_fail(state)
     item.stash[ITEM_TEMPLATES_KEY] = {name: state.get(name) for name in marker_names(item)}

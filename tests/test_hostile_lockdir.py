@@ -228,6 +228,53 @@ def test_a_lock_dir_of_the_earlier_version_without_a_tag_is_adopted(hostile):
     assert (legacy / TAG_FILE).is_file()
 
 
+def test_a_lock_dir_pinned_to_the_other_mode_is_a_usage_error_at_start_up(hostile):
+    locks = hostile.root / "locks"
+    code, out, _ = hostile.run("--prewarm-lock-dir", str(locks), "--prewarm-lock-mode=lease")
+    assert code == 0, out
+
+    code, out, _ = hostile.run("--prewarm-lock-dir", str(locks), "--prewarm-lock-mode=flock")
+
+    assert code == 4, out
+    assert (
+        f"lock dir {str(locks)!r} is used in lease mode, but this run asks for flock mode "
+        "(from --prewarm-lock-mode)"
+    ) in out
+    assert "Traceback" not in out
+    assert hostile.builds() == 1
+    again, out, _ = hostile.run("--prewarm-lock-dir", str(locks))  # auto takes the pin
+    assert again == 0, out
+
+
+PIN_AFTER_START_UP = """
+    from pathlib import Path
+
+    def pytest_sessionstart(session):
+        # Another run pins the other mode after this one's start-up checks.
+        lock_dir = Path(session.config.getoption("prewarm_lock_dir"))
+        lock_dir.mkdir(mode=0o700)
+        tag = lock_dir / "PYTEST_PREWARM_LOCKDIR.TAG"
+        tag.write_text("Signature: pytest-prewarm lock dir\\n")
+        (lock_dir / "lock-mode").write_text("lease\\n")
+"""
+
+
+def test_a_lock_dir_error_after_start_up_fails_each_test_in_one_line(hostile):
+    conftest = hostile.suite / "conftest.py"
+    conftest.write_text(conftest.read_text() + textwrap.dedent(PIN_AFTER_START_UP))
+    locks = hostile.root / "locks"
+
+    code, out, _ = hostile.run("--prewarm-lock-dir", str(locks), "--prewarm-lock-mode=flock")
+
+    assert code == 1, out
+    assert out.count("ERROR at setup of test_uses_template") == 4, out
+    assert sum(line.startswith("prewarm: lock dir") for line in out.splitlines()) == 4, out
+    assert "is used in lease mode, but this run would use flock mode" in out
+    assert "lockdir.py" not in out  # no traceback through the plugin
+    assert "During handling" not in out
+    assert hostile.builds() == 0
+
+
 # -- another user ---------------------------------------------------------------------------
 
 
