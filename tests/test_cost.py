@@ -642,7 +642,7 @@ MARKED = """
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
-def test_a_mode_that_disagrees_with_the_pin_fails_the_tests_that_need_a_template(layout, workers):
+def test_a_mode_that_disagrees_with_the_pin_is_a_usage_error_at_start_up(layout, workers):
     from pytest_prewarm.kinds import LockMode
     from pytest_prewarm.lockdir import pin_mode, prepare
 
@@ -661,10 +661,12 @@ def test_a_mode_that_disagrees_with_the_pin_fails_the_tests_that_need_a_template
         "--prewarm-lock-mode=flock",
     )
 
-    # Found at the first request (the eager build's), reported by the test that needs it.
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "is used in lease mode, but this run would use flock mode" in result.stdout
-    assert "1 error" in result.stdout
+    # Checked with the lock dir at start-up, before any worker starts: one line, no test run.
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert (
+        "is used in lease mode, but this run asks for flock mode (from --prewarm-lock-mode)"
+    ) in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
     assert not (lock_dir / "templates").exists()
 
 
