@@ -529,6 +529,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     from .marker import needed_by
 
     names = needed_by(marked)
+    if not names:
+        return  # "prewarm" was only a keyword (a directory of that name), not a marker
     try:
         core = state.get_core()
         requests = [state.request_for(n) for n in names]
@@ -587,6 +589,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         return
     from .marker import marker_names
 
+    names = marker_names(item)
+    if not names:
+        return  # "prewarm" was only a keyword (a directory of that name), not a marker
     state = item.config.stash[STATE_KEY]
     _core_or_fail(state)
-    item.stash[ITEM_TEMPLATES_KEY] = {name: state.get(name) for name in marker_names(item)}
+    item.stash[ITEM_TEMPLATES_KEY] = {name: state.get(name) for name in names}

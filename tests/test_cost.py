@@ -94,6 +94,23 @@ def tree(root: Path) -> list[str]:
 # -- a run that asks for no template ------------------------------------------------------
 
 
+@pytest.mark.parametrize("eager", ["--prewarm-eager", "--no-prewarm-eager"])
+def test_a_directory_named_prewarm_is_not_a_marker(layout, eager):
+    # "prewarm" is then a keyword of every test below it: it asks for no template, so
+    # nothing is created, and no eager walk starts with nothing to build.
+    suite_dir, temp_root = layout
+    (suite_dir / "prewarm").mkdir()
+    (suite_dir / "prewarm" / "test_x.py").write_text("def test_plain():\n    pass\n")
+    lock_dir = suite_dir / "locks"
+
+    result = run_inner(suite_dir, temp_root, eager, f"--prewarm-lock-dir={lock_dir}")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "INTERNALERROR" not in result.stdout + result.stderr
+    assert not lock_dir.exists()
+    assert tree(temp_root) == []
+
+
 def package_modules_after(imports: str) -> list[str]:
     """The pytest_prewarm modules a fresh interpreter has loaded after ``import <imports>``."""
     code = (
