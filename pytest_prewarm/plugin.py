@@ -319,11 +319,14 @@ def _write(config: pytest.Config, path: Path, text: str, report: tuple[str, str]
     the pass line; _report_write_errors says what failed and fails the run instead.
     """
     tmp: Path | None = None
+    # The user named this path, outside the lock dir: a link there is theirs and is
+    # written through, as a plain open() would, not replaced by a file of its own.
+    target = Path(os.path.realpath(path))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         # O_EXCL under a random name: never an existing file, nor one planted as a link.
         # Mode 0o666 less the umask, as a plain open() would make the report.
-        tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+        tmp = target.with_name(f".{target.name}.{os.urandom(6).hex()}.tmp")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         with os.fdopen(os.open(tmp, flags, 0o666), "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -331,17 +334,19 @@ def _write(config: pytest.Config, path: Path, text: str, report: tuple[str, str]
             # One fsync per report, at the end of the run: cheap, and without it a crash
             # soon after the rename can leave an empty file on some filesystems.
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except OSError as exc:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+        from .exceptions import DISK_FULL
+
         what, option = report
+        fix = "free space on that filesystem or give" if exc.errno in DISK_FULL else "give"
         config.stash.setdefault(REPORT_ERRORS_KEY, []).append(
             f"prewarm: cannot write the {what} ({option}) to {path}: "
             f"{exc.strerror or exc}. This run's report is not there (an older file at that "
-            f"path is left as it was); free space on that filesystem or give {option} "
-            "another path"
+            f"path is left as it was); {fix} {option} another path"
         )
 
 

@@ -215,3 +215,21 @@ def test_a_report_that_cannot_be_written_is_one_clear_error_and_fails_the_run(
         assert text.startswith("# pytest-prewarm template keys")
         assert ("\ndb\t" in text) is ("--collect-only" not in args)
     assert sorted(p.name for p in report.parent.iterdir()) == ["report.json"]
+
+
+def test_a_report_path_that_is_a_link_is_written_through(suite: Suite, tmp_path: Path) -> None:
+    # The user's link (CI reads the target): a plain open() wrote through it; so must the
+    # atomic write, instead of replacing the link with a file of its own.
+    real = tmp_path / "reports" / "real.json"
+    real.parent.mkdir()
+    real.write_text("the older report\n")
+    link = tmp_path / "report.json"
+    link.symlink_to(real)
+    suite.write(conftest=CONFTEST, test_full=TESTS)
+
+    result = suite.run("-n", "0", "--prewarm-json", str(link))
+
+    assert result.ret == 0, result.stdout.str()
+    assert link.is_symlink()
+    assert json.loads(real.read_text())["templates"][0]["name"] == "db"
+    assert sorted(p.name for p in real.parent.iterdir()) == ["real.json"]  # no temp left
