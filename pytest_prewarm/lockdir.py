@@ -98,7 +98,7 @@ def prepare(path: Path, source: str) -> Path:
     info = _lstat_lock_dir(path, hint)
     if info is None:
         try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _make_owner_only(path)
         except OSError as exc:
             raise LockDirError(
                 f"cannot create lock dir {str(path)!r}: {exc.strerror}; {hint}"
@@ -109,6 +109,23 @@ def prepare(path: Path, source: str) -> Path:
         _adopt(layout, hint)
     _prove_writable(layout, hint)
     return path
+
+
+def _make_owner_only(path: Path) -> None:
+    """Create ``path`` and every missing directory above it, each owner-only.
+
+    ``Path.mkdir(parents=True)`` gives the parents it makes the umask's mode (0777 under
+    umask 0): the lock dir would sit below directories anyone may write, which the next
+    run's start-up check refuses, and rightly.
+    """
+    missing = []
+    current = path
+    while not os.path.lexists(current) and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process of the run, first
+            os.mkdir(directory, 0o700)
 
 
 def _check_ancestors(path: Path) -> None:

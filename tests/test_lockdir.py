@@ -96,6 +96,21 @@ def test_a_users_folder_with_some_of_the_legacy_names_is_refused_and_untouched(
         check_at_start(folder, "--prewarm-lock-dir")
 
 
+def test_missing_parents_are_made_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    lock_dir = tmp_path / "a" / "b" / "locks"
+    old = os.umask(0)
+    try:
+        prepare(lock_dir, "--prewarm-lock-dir")
+        again = prepare(lock_dir, "--prewarm-lock-dir")  # the next run's checks pass too
+    finally:
+        os.umask(old)
+
+    assert again == lock_dir
+    for made in (tmp_path / "a", tmp_path / "a" / "b", lock_dir):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
+    check_at_start(lock_dir, "--prewarm-lock-dir")
+
+
 def test_marking_a_lock_dir_on_a_disk_without_inodes_is_a_clear_error(tmpfs: Tmpfs):
     disk = tmpfs.mount("size=1m,nr_inodes=64")
     lock_dir = disk / "locks"
