@@ -99,30 +99,44 @@ def link_problem(given: Path) -> str | None:
     Links on the way are how a path reaches a real place (macOS's /tmp is a link to
     /private/tmp), so a link owned by root or by the running user is followed. One owned
     by anyone else could be pointed anywhere the running user may write, between one run
-    and the next; and the lock dir itself must be a directory, never a link to one.
+    and the next; and the lock dir itself must be a directory, never a link to one. A
+    followed link's target is walked the same way: a link of ours may lead through
+    someone else's.
     """
     current = Path(given.anchor)
-    parts = given.parts[1:]
-    for index, part in enumerate(parts):
-        current = current / part
+    pending = list(given.parts[1:])
+    followed = 0
+    while pending:
+        part = pending.pop(0)
+        candidate = current / part
         try:
-            info = os.lstat(current)
+            info = os.lstat(candidate)
         except OSError:  # missing (we create the rest) or unreadable: later checks say why
             return None
         if not stat.S_ISLNK(info.st_mode):
+            current = candidate
             continue
-        target = os.readlink(current)
-        if index == len(parts) - 1:
+        target = os.readlink(candidate)
+        if not pending:
             return (
-                f"the lock dir {current} is a symbolic link (to {target}); a lock dir is "
+                f"the lock dir {candidate} is a symbolic link (to {target}); a lock dir is "
                 "never reached through a link: name the directory itself"
             )
         if info.st_uid not in (0, my_uid()):
             return (
-                f"{current} on the lock dir's path is a symbolic link (to {target}) owned "
+                f"{candidate} on the lock dir's path is a symbolic link (to {target}) owned "
                 f"by {owner_name(info.st_uid)}, who could point it elsewhere; name a path "
                 "without it"
             )
+        followed += 1
+        if followed > 40:  # the kernel's own limit is about this: a loop, not a path
+            return f"{given} goes through too many symbolic links (a loop?)"
+        link_target = Path(target)
+        if link_target.is_absolute():
+            current = Path(link_target.anchor)
+            pending = list(link_target.parts[1:]) + pending
+        else:
+            pending = list(link_target.parts) + pending
     return None
 
 

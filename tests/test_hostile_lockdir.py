@@ -343,6 +343,21 @@ def test_a_link_of_another_user_on_the_lock_dirs_path_is_refused(hostile, other_
     assert hostile.victim_untouched()
 
 
+def test_a_link_of_another_user_behind_a_link_of_ours_is_refused(hostile, other_user):
+    shared = hostile.root / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    (shared / "evil").symlink_to(hostile.victim)
+    os.lchown(shared / "evil", other_user.pw_uid, other_user.pw_gid)
+    (hostile.root / "mine").symlink_to(shared / "evil")  # ours, but it leads through theirs
+
+    code, out, _ = hostile.run("--prewarm-lock-dir", str(hostile.root / "mine" / "locks"))
+
+    assert code == 4, out
+    assert f"{shared / 'evil'} on the lock dir's path is a symbolic link" in out
+    assert hostile.victim_untouched()
+
+
 def test_a_link_of_the_users_own_on_the_lock_dirs_path_is_followed(hostile):
     # How macOS reaches /private/tmp from /tmp, and how many CI caches are mounted.
     real = hostile.root / "real"
