@@ -27,6 +27,10 @@ def default_stale_after(timeout: float) -> float:
     return min(60.0, timeout / 2)
 
 
+# config.MIN_HEARTBEATS: a stale window shorter than this many beats misjudges a slow beat.
+MIN_HEARTBEATS = 3
+
+
 def heartbeat_for(stale_after: float) -> float:
     """Lease heartbeat interval: a fifth of the stale window, within [0.02, 2] s."""
     return min(2.0, max(0.02, stale_after / 5))

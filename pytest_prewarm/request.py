@@ -42,7 +42,7 @@ from .kinds import LockMode, Origin, Outcome
 from .layout import DATA_DIR, META_FILE, Layout, template_id
 from .liveness import Identity, Liveness, boot_id
 from .locking import Acquired, Holder, Lock
-from .locks import default_stale_after, lock_factory
+from .locks import MIN_HEARTBEATS, default_stale_after, lock_factory
 from .names import canonical_key, check_name
 from .records import Meta, failure_to_json, hold_id, read_failure
 from .registry import Registry
@@ -291,6 +291,7 @@ class TemplateStore:
         self.notice_every = notice_every
         self.on_notice = on_notice
         self.stale_after = stale_after
+        self.heartbeat = heartbeat
         # Where the stale window came from, as config.Setting.source says it ("default..."
         # when it was derived from the timeout). A caller that does not say is taken to
         # have derived it: a call's timeout= then derives its own, which keeps the window
@@ -355,11 +356,19 @@ class TemplateStore:
         wait, or a crashed holder of unknown liveness makes the waiter time out instead of
         taking over. A derived window is derived again from the call's timeout, by the
         same rule; an explicit one that is not below it is a usage error at the call.
+
+        The window judges *other* processes, which beat at the configured heartbeat: it
+        never goes below MIN_HEARTBEATS of those beats, or a short ``timeout=`` would take
+        a live holder's lease between two of its beats. Where that leaves no window below
+        the call's timeout, the configured one stays: the wait may then time out behind a
+        dead holder of unknown liveness (its message says so), but never robs a live one.
         """
         if request.timeout_source != CALL_TIMEOUT:
             return None
         if self.stale_after_source.startswith("default"):
-            derived = default_stale_after(request.timeout)
+            derived = max(default_stale_after(request.timeout), MIN_HEARTBEATS * self.heartbeat)
+            if derived >= request.timeout:
+                return None
             return None if derived == self.stale_after else derived
         if self.stale_after >= request.timeout:
             raise PrewarmUsageError(

@@ -21,8 +21,9 @@ import pytest
 from _workers import Arena
 
 from pytest_prewarm import locks
+from pytest_prewarm.config import MIN_HEARTBEATS as config_min_heartbeats
 from pytest_prewarm.config import Settings, heartbeat_for
-from pytest_prewarm.exceptions import PrewarmUsageError
+from pytest_prewarm.exceptions import PrewarmTimeout, PrewarmUsageError
 from pytest_prewarm.lockdir import prepare
 from pytest_prewarm.request import CALL_TIMEOUT, Request, TemplateStore
 
@@ -51,6 +52,7 @@ def test_the_lock_timings_agree_with_the_ones_config_derives(pytester, timeout):
     assert settings.stale_after.source.startswith("default")
     assert locks.default_stale_after(float(timeout)) == settings.stale_after.value
     assert locks.heartbeat_for(settings.stale_after.value) == settings.heartbeat
+    assert config_min_heartbeats == locks.MIN_HEARTBEATS
     assert locks.heartbeat_for(settings.stale_after.value) == heartbeat_for(
         settings.stale_after.value
     )
@@ -65,7 +67,7 @@ INNER_CONFTEST = """
 
     @pytest.fixture(scope="session")
     def db(prewarmed_template):
-        return prewarmed_template("db", build, key="k", timeout=5)
+        return prewarmed_template("db", build, key="k", timeout=10)
 """
 
 
@@ -81,7 +83,8 @@ def test_a_call_timeout_below_the_default_stale_window_derives_its_own(tmp_path,
     suite.write(conftest=INNER_CONFTEST, test_db="def test_db(db):\n    assert db.value\n")
 
     # Default settings: timeout 1800 s, so the configured stale window is 60 s, longer
-    # than the 5 s this call waits. The call's own window is min(60, 5 / 2) = 2.5 s.
+    # than the 10 s this call waits. The call's own window is min(60, 10 / 2) = 5 s,
+    # raised to 3 of the configured 2 s heartbeats: 6 s.
     result = suite.run(
         "-p",
         "no:xdist",
@@ -99,22 +102,50 @@ def test_a_call_timeout_below_the_default_stale_window_derives_its_own(tmp_path,
     assert built["recovered_from"].startswith(
         "holder, pid 1: unknown, it runs in another pid namespace; heartbeat still for "
     )
-    assert 2.5 <= built["wait_seconds"] < 5
+    assert 6 <= built["wait_seconds"] < 10
     assert report["settings"]["stale_after"] == 60  # the process's window is unchanged
 
 
 def test_an_explicit_stale_window_above_a_call_timeout_fails_the_test_that_asks(suite):
     suite.write(conftest=INNER_CONFTEST, test_db="def test_db(db):\n    assert db.value\n")
 
-    result = suite.run("-p", "no:xdist", "--prewarm-stale-after=10", timeout=60)
+    result = suite.run("-p", "no:xdist", "--prewarm-stale-after=12", timeout=60)
 
     out = result.stdout.str()
     assert result.ret == 1, out
     assert (
-        "the timeout 5 s (from timeout= in the call) must be above the stale window 10 s "
+        "the timeout 10 s (from timeout= in the call) must be above the stale window 12 s "
         "(from --prewarm-stale-after)"
     ) in out
     assert "INTERNALERROR" not in out
+
+
+@linux_only
+def test_a_short_call_timeout_never_takes_a_live_holders_lease_between_its_beats(arena):
+    # The holder beats every 2 s, the configured default. A window derived from a 2 s
+    # timeout alone (1 s) would call it stale between two beats and take its lease.
+    wrap = require_pid_namespace()  # its liveness is unknown from here: only beats count
+    arena.start("holder", wrap=tuple(wrap), mode="lease", block="before", heartbeat=2.0)
+    arena.wait_flag("blocked-holder")
+    store = TemplateStore(
+        arena.lock_dir,
+        run_id="run",
+        worker="waiter",
+        lock_mode="lease",
+        stale_after=60.0,
+        heartbeat=2.0,
+        stale_after_source="default: min(60, timeout / 2), timeout from default",
+    )
+
+    assert store.stale_window(call_request(2.0)) is None  # no window fits: keep 60 s
+    with pytest.raises(PrewarmTimeout) as caught:
+        store.get(call_request(2.0))
+
+    assert "stale window of 60 s, not at once" in str(caught.value)
+    arena.release("holder")
+    holder = arena.result("holder")
+    assert holder["ok"], holder  # it kept its lease and published
+    assert store.stale_window(call_request(10.0)) == 6.0  # 3 beats of 2 s, below 10 s
 
 
 def call_request(timeout: float) -> Request:
