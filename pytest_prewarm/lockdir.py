@@ -205,7 +205,12 @@ def _link_new(path: Path, text: str) -> bool:
 
 def check_dir_or_mine(path: Path) -> None:
     """A legacy entry must be a directory we may use, or a regular file of ours."""
-    info = os.lstat(path)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return  # gone since the listing: nothing there to refuse
+    except OSError as exc:
+        raise LockDirError(f"cannot look at {path}: {exc.strerror}") from exc
     if stat.S_ISDIR(info.st_mode):
         check_dir(path)
     elif not (stat.S_ISREG(info.st_mode) and is_mine(info)):

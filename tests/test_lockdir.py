@@ -19,6 +19,7 @@ from pytest_prewarm.layout import TAG_FILE, Layout
 from pytest_prewarm.liveness import own_record
 from pytest_prewarm.lockdir import (
     check_at_start,
+    check_dir_or_mine,
     choose_lock_mode,
     open_run_dir,
     pin_mode,
@@ -94,6 +95,15 @@ def test_a_users_folder_with_some_of_the_legacy_names_is_refused_and_untouched(
     assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
     with pytest.raises(LockDirError, match="was not made by pytest-prewarm"):
         check_at_start(folder, "--prewarm-lock-dir")
+
+
+def test_a_legacy_entry_gone_since_the_listing_is_no_error(tmp_path: Path) -> None:
+    check_dir_or_mine(tmp_path / "gone")  # another run's, removed between list and look
+
+    below_a_file = tmp_path / "file"
+    below_a_file.write_text("")
+    with pytest.raises(LockDirError, match=r"cannot look at .*: Not a directory"):
+        check_dir_or_mine(below_a_file / "entry")
 
 
 def test_missing_parents_are_made_owner_only_whatever_the_umask(tmp_path: Path) -> None:
