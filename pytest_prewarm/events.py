@@ -8,16 +8,14 @@ the log what xdist delivers.
 
 # No `from __future__ import annotations` here: see "What a module costs to load" in
 # docs/architecture.md.
-import contextlib
 import json
 import os
 import threading
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import console
-from .files import O_CLOEXEC, O_NOFOLLOW, decode_json_object, read_bounded
+from .files import append_text, decode_json_object, read_bounded
 from .kinds import Outcome
 from .layout import Layout
 from .trust import make_dir
@@ -119,7 +117,7 @@ class EventLog:
             lines = "".join(json.dumps(e.to_dict()) + "\n" for e in events)
             try:
                 make_dir(self.layout.events_dir(self.run_id))
-                _append_whole_lines(path, lines)
+                append_text(path, lines)
             except OSError as exc:
                 self.write_error = exc
                 console.emit(
@@ -150,26 +148,3 @@ class EventLog:
                 if event.worker != self.worker and event.worker not in self._reported_workers:
                     events.append(event)
         return events
-
-
-def _append_whole_lines(path: Path, text: str) -> None:
-    """Append ``text`` (whole lines) to ``path``, or leave the file as it was.
-
-    A full disk can take part of a write (a short write) and refuse the rest; what got
-    in would be a torn last line, and a later append would glue a good line to it. So
-    a failed append cuts the file back to where it started. The file is this process's
-    alone, under the flush lock: nobody else appends meanwhile. Never through a symlink.
-    """
-    data = memoryview(text.encode("utf-8"))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0o600)
-    try:
-        start = os.fstat(fd).st_size
-        try:
-            while data:
-                data = data[os.write(fd, data) :]
-        except OSError:
-            with contextlib.suppress(OSError):  # shrinking a file needs no space
-                os.ftruncate(fd, start)
-            raise
-    finally:
-        os.close(fd)

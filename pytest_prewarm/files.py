@@ -96,10 +96,24 @@ def read_json_object(path: Path, limit: int = MAX_RECORD_BYTES) -> dict[str, Any
 
 
 def append_text(path: Path, text: str) -> None:
-    """Append ``text`` to ``path`` (created owner-only), never through a symlink."""
+    """Append ``text`` to ``path`` (created owner-only), whole or not at all.
+
+    Never through a symlink. A full disk can take part of a write (a short write) and
+    refuse the rest; what got in would be a torn last line, and a later append would glue
+    a good line to it. So a failed append cuts the file back to where it started: the
+    caller's file is its own, and nobody else appends meanwhile.
+    """
+    data = memoryview(text.encode("utf-8"))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0o600)
     try:
-        os.write(fd, text.encode("utf-8"))
+        start = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        except OSError:
+            with contextlib.suppress(OSError):  # shrinking a file needs no space
+                os.ftruncate(fd, start)
+            raise
     finally:
         os.close(fd)
 
