@@ -70,9 +70,7 @@ def check_at_start(path: Path, source: str) -> None:
     hint = _hint(path, source)
     _check_ancestors(path)
     if _lstat_lock_dir(path, hint) is None:
-        ancestor = path.parent
-        while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
+        ancestor = _missing_dirs(path)[-1].parent  # the nearest one that exists
         if not os.access(ancestor, os.W_OK | os.X_OK):
             raise LockDirError(
                 f"cannot create lock dir {str(path)!r}: {ancestor} is not writable; {hint}"
@@ -118,14 +116,19 @@ def _make_owner_only(path: Path) -> None:
     umask 0): the lock dir would sit below directories anyone may write, which the next
     run's start-up check refuses, and rightly.
     """
+    for directory in reversed(_missing_dirs(path)):
+        with contextlib.suppress(FileExistsError):  # another process of the run, first
+            os.mkdir(directory, 0o700)
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and each missing directory above it, deepest first (none if it exists)."""
     missing = []
     current = path
     while not os.path.lexists(current) and current != current.parent:
         missing.append(current)
         current = current.parent
-    for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # another process of the run, first
-            os.mkdir(directory, 0o700)
+    return missing
 
 
 def _check_ancestors(path: Path) -> None:
@@ -428,15 +431,19 @@ def remove_run_dir(path: Path) -> None:
     once its newest log is RUN_LOGS_KEPT_FOR old (a day).
     """
     layout = Layout(path)
-    logs = layout.build_logs()
-    if not logs:
+    if not layout.build_logs():
         remove_tree(path)
         return
-    kept = {logs[0].parent.parent.name, layout.tag_file.name, layout.run_record.name}
+    kept = _kept_of_failed_run(layout)
     with contextlib.suppress(OSError):
         for entry in path.iterdir():
             if entry.name not in kept:
                 remove_tree(entry)
+
+
+def _kept_of_failed_run(layout: Layout) -> set[str]:
+    """What remove_run_dir keeps of a run whose builds failed: the logs, tag, run record."""
+    return {"failures", layout.tag_file.name, layout.run_record.name}
 
 
 def sweep_orphans(temp_root: Path | None = None, *, keep: int = 0) -> list[Path]:
@@ -453,9 +460,6 @@ def sweep_orphans(temp_root: Path | None = None, *, keep: int = 0) -> list[Path]
     is judged: run after run of failing builds kept hundreds of them, and judging each
     one's run made every run's end 100 ms longer.
     """
-    from .liveness import Liveness, classify  # only for a run that uses a template
-    from .owner import read_record
-
     root = temp_root or Path(tempfile.gettempdir())
     ended: list[tuple[float, Path]] = []
     with contextlib.suppress(OSError):
@@ -469,13 +473,10 @@ def sweep_orphans(temp_root: Path | None = None, *, keep: int = 0) -> list[Path]
                 # Errors named these logs: keep them a while, and nothing else once the run
                 # is over (its templates can be gigabytes). A dir already trimmed is told
                 # by one listing, so it costs no liveness judgement run after run.
-                if not _trimmed(layout):
-                    record = read_record(layout.run_record)
-                    if record is not None and classify(record).state is Liveness.DEAD:
-                        remove_run_dir(entry)
+                if not _trimmed(layout) and _run_ended(layout):
+                    remove_run_dir(entry)
                 continue
-            record = read_record(layout.run_record)
-            if record is not None and classify(record).state is Liveness.DEAD:
+            if _run_ended(layout):
                 with contextlib.suppress(OSError):
                     ended.append((os.lstat(layout.run_record).st_mtime, entry))
     ended.sort(reverse=True)
@@ -491,11 +492,19 @@ def sweep_orphans(temp_root: Path | None = None, *, keep: int = 0) -> list[Path]
 RUN_LOGS_KEPT_FOR = 24 * 3600.0
 
 
+def _run_ended(layout: Layout) -> bool:
+    """Whether the run that made this per-run dir is over: its creator is provably dead."""
+    from .liveness import Liveness, classify  # only for a run that uses a template
+    from .owner import read_record
+
+    record = read_record(layout.run_record)
+    return record is not None and classify(record).state is Liveness.DEAD
+
+
 def _trimmed(layout: Layout) -> bool:
     """Whether ``layout`` holds no more than remove_run_dir keeps of a failed run."""
-    kept = {"failures", layout.tag_file.name, layout.run_record.name}
     try:
-        return set(os.listdir(layout.root)) <= kept
+        return set(os.listdir(layout.root)) <= _kept_of_failed_run(layout)
     except OSError:
         return True  # gone or unreadable: nothing to trim
 
