@@ -315,6 +315,14 @@ def _stale_after(config: pytest.Config, timeout: Setting) -> Setting:
     return stale
 
 
+def _expanded(text: str, what: str, source: str, fix: str) -> Path:
+    """``text`` as a path with ``~`` expanded; a home that cannot be found is a usage error."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as exc:  # "~someone" who has no home on this machine
+        raise pytest.UsageError(f"prewarm: {what} {text!r} from {source}: {exc}; {fix}") from None
+
+
 def _lock_dir_path(config: pytest.Config, text: str, source: str) -> Path:
     """The lock dir the user named; the filesystem root and the rootdir are refused.
 
@@ -327,10 +335,7 @@ def _lock_dir_path(config: pytest.Config, text: str, source: str) -> Path:
             f"prewarm: lock dir {text!r} from {source} is empty, which would mean the "
             f"rootdir {config.rootpath}; {fix}"
         )
-    try:
-        path = Path(text).expanduser()
-    except RuntimeError as exc:  # "~someone" who has no home on this machine
-        raise pytest.UsageError(f"prewarm: lock dir {text!r} from {source}: {exc}; {fix}") from None
+    path = _expanded(text, "lock dir", source, fix)
     if not path.is_absolute():
         path = config.rootpath / path
     from .trust import link_problem  # only runs that name a lock dir pay for it
@@ -356,13 +361,7 @@ def _output_file(config: pytest.Config, suffix: str, example: str) -> Path | Non
     raw = _raw(config, suffix)
     if raw is None:
         return None
-    try:
-        path = Path(str(raw.value)).expanduser()
-    except RuntimeError as exc:  # "~someone" who has no home on this machine
-        raise pytest.UsageError(
-            f"prewarm: report file {str(raw.value)!r} from {raw.source}: {exc}; give a path "
-            f"such as {example}"
-        ) from None
+    path = _expanded(str(raw.value), "report file", raw.source, f"give a path such as {example}")
     if not path.is_absolute():
         path = config.invocation_params.dir / path
     if path.is_dir():
