@@ -121,6 +121,19 @@ def no_leaky_env(monkeypatch: pytest.MonkeyPatch) -> None:
     _clean_env(monkeypatch)
 
 
+def require_unshare(*flags: str) -> list[str]:
+    """``unshare`` with ``flags``, as an argv prefix; the test is skipped where it cannot run."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare(1) is not installed")
+    probe = subprocess.run(
+        [unshare, *flags, "true"], capture_output=True, text=True, timeout=30, check=False
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"unshare {' '.join(flags)} is not permitted here: {probe.stderr.strip()}")
+    return [unshare, *flags]
+
+
 def wait_until(
     predicate: Callable[[], T], timeout: float = 30.0, *, what: str = "a condition"
 ) -> T:

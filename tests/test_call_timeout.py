@@ -12,13 +12,12 @@ namespace where liveness is unknown.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from _workers import Arena
+from conftest import require_unshare
 
 from pytest_prewarm import locks
 from pytest_prewarm.config import MIN_HEARTBEATS as config_min_heartbeats
@@ -30,19 +29,11 @@ from pytest_prewarm.request import CALL_TIMEOUT, Request, TemplateStore
 linux_only = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="liveness proofs come from Linux /proc"
 )
-UNSHARE = shutil.which("unshare")
 PID_NS = ("--pid", "--fork", "--mount-proc", "--kill-child")
 
 
 def require_pid_namespace() -> list[str]:
-    if UNSHARE is None:
-        pytest.skip("unshare(1) is not installed")
-    probe = subprocess.run(
-        [UNSHARE, *PID_NS, "true"], capture_output=True, text=True, timeout=30, check=False
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"unshare --pid is not permitted here: {probe.stderr.strip()}")
-    return [UNSHARE, *PID_NS]
+    return require_unshare(*PID_NS)
 
 
 @pytest.mark.parametrize("timeout", ["0.5", "5", "100", "120", "1800", "7200"])
@@ -127,15 +118,7 @@ def test_a_short_call_timeout_never_takes_a_live_holders_lease_between_its_beats
     wrap = require_pid_namespace()  # its liveness is unknown from here: only beats count
     arena.start("holder", wrap=tuple(wrap), mode="lease", block="before", heartbeat=2.0)
     arena.wait_flag("blocked-holder")
-    store = TemplateStore(
-        arena.lock_dir,
-        run_id="run",
-        worker="waiter",
-        lock_mode="lease",
-        stale_after=60.0,
-        heartbeat=2.0,
-        stale_after_source="default: min(60, timeout / 2), timeout from default",
-    )
+    store = lease_store(arena.lock_dir, 60.0, "default: min(60, timeout / 2), timeout from default")
 
     assert store.stale_window(call_request(2.0)) is None  # no window fits: keep 60 s
     with pytest.raises(PrewarmTimeout) as caught:
@@ -152,15 +135,21 @@ def call_request(timeout: float) -> Request:
     return Request("db", lambda path: None, "k", timeout, CALL_TIMEOUT)
 
 
-def test_an_explicit_stale_window_not_below_the_call_timeout_is_a_usage_error(tmp_path):
-    store = TemplateStore(
-        tmp_path / "locks",
+def lease_store(lock_dir: Path, stale_after: float, source: str) -> TemplateStore:
+    """A lease-mode store with the stale window ``stale_after`` from ``source``, beating 2 s."""
+    return TemplateStore(
+        lock_dir,
         run_id="run",
         worker="gw0",
         lock_mode="lease",
-        stale_after=60.0,
-        stale_after_source="--prewarm-stale-after",
+        stale_after=stale_after,
+        heartbeat=2.0,
+        stale_after_source=source,
     )
+
+
+def test_an_explicit_stale_window_not_below_the_call_timeout_is_a_usage_error(tmp_path):
+    store = lease_store(tmp_path / "locks", 60.0, "--prewarm-stale-after")
 
     with pytest.raises(PrewarmUsageError) as caught:
         store.get(call_request(60.0))
@@ -175,14 +164,7 @@ def test_an_explicit_stale_window_not_below_the_call_timeout_is_a_usage_error(tm
 
 
 def test_an_explicit_stale_window_below_the_call_timeout_is_kept(tmp_path):
-    store = TemplateStore(
-        tmp_path / "locks",
-        run_id="run",
-        worker="gw0",
-        lock_mode="lease",
-        stale_after=4.0,
-        stale_after_source="--prewarm-stale-after",
-    )
+    store = lease_store(tmp_path / "locks", 4.0, "--prewarm-stale-after")
 
     assert store.stale_window(call_request(5.0)) is None  # the process's own, 4 s
     assert store.get(call_request(5.0)).origin == "built"

@@ -328,12 +328,19 @@ def test_a_lock_dir_that_is_a_symlink_is_refused_and_its_target_left_alone(
     assert hostile.builds() == 0
 
 
-def test_a_link_of_another_user_on_the_lock_dirs_path_is_refused(hostile, other_user):
+def plant_their_link(hostile: Hostile, other_user: pwd.struct_passwd, name: str) -> Path:
+    """Another user's link to the victim's tree, in a shared sticky dir as /tmp is."""
     shared = hostile.root / "shared"
     shared.mkdir()
     shared.chmod(0o1777)
-    (shared / "link").symlink_to(hostile.victim)
-    os.lchown(shared / "link", other_user.pw_uid, other_user.pw_gid)
+    (shared / name).symlink_to(hostile.victim)
+    os.lchown(shared / name, other_user.pw_uid, other_user.pw_gid)
+    return shared / name
+
+
+def test_a_link_of_another_user_on_the_lock_dirs_path_is_refused(hostile, other_user):
+    link = plant_their_link(hostile, other_user, "link")
+    shared = link.parent
 
     code, out, _ = hostile.run("--prewarm-lock-dir", str(shared / "link" / "locks"))
 
@@ -344,12 +351,9 @@ def test_a_link_of_another_user_on_the_lock_dirs_path_is_refused(hostile, other_
 
 
 def test_a_link_of_another_user_behind_a_link_of_ours_is_refused(hostile, other_user):
-    shared = hostile.root / "shared"
-    shared.mkdir()
-    shared.chmod(0o1777)
-    (shared / "evil").symlink_to(hostile.victim)
-    os.lchown(shared / "evil", other_user.pw_uid, other_user.pw_gid)
-    (hostile.root / "mine").symlink_to(shared / "evil")  # ours, but it leads through theirs
+    evil = plant_their_link(hostile, other_user, "evil")
+    shared = evil.parent
+    (hostile.root / "mine").symlink_to(evil)  # ours, but it leads through theirs
 
     code, out, _ = hostile.run("--prewarm-lock-dir", str(hostile.root / "mine" / "locks"))
 

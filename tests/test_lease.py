@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from _workers import Arena, overlaps, proc_state, read_log, wait_until
+from conftest import require_unshare
 
 from pytest_prewarm.config import MIN_HEARTBEATS, heartbeat_for
 from pytest_prewarm.exceptions import PrewarmLockError
@@ -32,24 +31,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 USAGE_ERROR = pytest.ExitCode.USAGE_ERROR
-UNSHARE = shutil.which("unshare")
 OTHER_HOST = "prewarm-other-host"
 
 
 @pytest.fixture
 def arena(tmp_path: Path, processes) -> Arena:
     return Arena(tmp_path / "arena", processes)
-
-
-def require_unshare(*flags: str) -> list[str]:
-    if UNSHARE is None:
-        pytest.skip("unshare(1) is not installed")
-    probe = subprocess.run(
-        [UNSHARE, *flags, "true"], capture_output=True, text=True, timeout=30, check=False
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"unshare {' '.join(flags)} is not permitted here: {probe.stderr.strip()}")
-    return [UNSHARE, *flags]
 
 
 def stop(pid: int) -> None:
