@@ -526,11 +526,17 @@ def test_a_dir_kept_for_a_recent_log_keeps_nothing_else_once_its_run_ended(tmp_p
     (failed / "templates" / "big.5678" / "data").mkdir(parents=True)  # gigabytes, say
     (failed / "templates" / "big.5678" / "data" / "blob").write_bytes(b"x" * 4096)
     (failed / "events").mkdir()
+    outside = tmp_path / "outside"  # a planted link to it is removed, never followed
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not ours\n")
+    (failed / "templates" / "planted").symlink_to(outside, target_is_directory=True)
+    os.mkfifo(failed / "events" / "planted-fifo")
 
     assert sweep_orphans(tmp_path, keep=3) == []
 
     assert sorted(p.name for p in failed.iterdir()) == [RUN_RECORD, TAG_FILE, "failures"]
     assert (failed / "failures" / "db.1234" / "run.log").read_text() == "the error\n"
+    assert (outside / "keep.txt").read_text() == "not ours\n"
 
 
 def test_a_fifo_a_link_or_a_dir_named_like_a_log_keeps_no_dir_and_blocks_nothing(tmp_path):
